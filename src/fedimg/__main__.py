@@ -1,0 +1,7 @@
+"""``python -m fedimg``."""
+
+import sys
+
+from fedimg.cli import main
+
+sys.exit(main())
