@@ -1,0 +1,471 @@
+"""fedimg's configuration: typed models, and the loaders for TOML and the legacy INI.
+
+The configuration is looked up in this order (the first that exists wins):
+``--config FILE``, ``$FEDIMG_CONFIG``, ``./fedimg.toml``, ``~/.config/fedimg/fedimg.toml``,
+``/etc/fedimg/fedimg.toml``, and the legacy ``/etc/fedimg.cfg``. With none of them, the defaults
+apply: the embedded AWS endpoint, every region it reports, the seed's HVM rows.
+
+Two file formats load into the same :class:`Config`:
+
+- TOML (fedimg 2.x and later): sections ``[general]``, ``[aws]``, ``[messaging]``;
+- the legacy INI of fedimg 0.x (``/etc/fedimg.cfg``), loaded as it is, including its AMI list and the
+  sections of services fedimg no longer has (``[rackspace]``, ``[gce]``, ``[hp]``, ``[koji]``), which are
+  ignored.
+
+Every model forbids unknown keys, so a typo fails early. Every error is a :class:`ConfigError` whose
+message names the file, the key and, for the AMI list, the line.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from fedimg.errors import ConfigError
+
+REGION_PATTERN = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+LEGACY_PATH = Path("/etc/fedimg.cfg")
+
+#: Legacy INI sections of services that fedimg no longer has; loaded and ignored.
+LEGACY_IGNORED_SECTIONS = frozenset({"koji", "rackspace", "gce", "hp"})
+
+#: AWS's names for architectures; Fedora's file names say aarch64 where AWS says arm64.
+ARCH_ALIASES = {"x86_64": "x86_64", "aarch64": "arm64", "arm64": "arm64", "i386": "i386"}
+
+
+def default_search_path() -> list[Path]:
+    """The configuration files looked up, in order, when neither ``--config`` nor the env says."""
+    return [
+        Path("fedimg.toml"),
+        Path.home() / ".config" / "fedimg" / "fedimg.toml",
+        Path("/etc/fedimg/fedimg.toml"),
+        LEGACY_PATH,
+    ]
+
+
+def state_dir() -> Path:
+    """Where fedimg keeps its catalog and caches: ``$XDG_STATE_HOME/fedimg``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedimg"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AmiListEntry(_Model):
+    """One line of the legacy AMI list: a base AMI (and AKI, for paravirtual) per region and arch.
+
+    The first entry is where the seed's utility instance is started; the AKIs are the kernels that
+    paravirtual AMIs boot in each region.
+    """
+
+    region: str = Field(description="EC2 region of this entry")
+    arch: str = Field(description="Architecture, in AWS's spelling (x86_64, arm64, i386)")
+    ami: str = Field(description="A base AMI in the region (the utility instance's image)")
+    aki: str | None = Field(default=None, description="The region's kernel image for PV AMIs")
+    os: str | None = Field(default=None, description="OS name (6-field form only)")
+    version: str | None = Field(default=None, description="OS version (6-field form only)")
+    line: int | None = Field(default=None, description="Line of the config file it came from")
+
+
+AmiList = list[AmiListEntry]
+
+
+class GeneralSettings(_Model):
+    """``[general]``: where state goes and how failures are handled."""
+
+    catalog_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the catalog; default SQLite under $XDG_STATE_HOME/fedimg",
+    )
+    clean_up_on_failure: bool = Field(
+        default=True, description="Remove temporary resources when a job fails"
+    )
+    delete_images_on_failure: bool = Field(
+        default=True, description="Deregister the AMIs of a job whose test failed"
+    )
+    process_count: int = Field(default=1, ge=1, description="Images processed in parallel")
+    active_services: list[str] = Field(
+        default_factory=lambda: ["aws"], description="Services to publish to; only 'aws' exists"
+    )
+
+    @field_validator("active_services")
+    @classmethod
+    def _only_aws(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - {"aws"})
+        if unknown:
+            raise ValueError(f"unsupported services {unknown}; fedimg publishes to 'aws' only")
+        return value
+
+
+class AwsSettings(_Model):
+    """``[aws]``: the target, the regions, the AMI matrix, the instances and the test."""
+
+    target: Literal["embedded", "endpoint", "aws"] = Field(
+        default="embedded",
+        description="embedded: moto's server on 127.0.0.1; endpoint: endpoint_url; aws: real AWS",
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="AWS-compatible endpoint (target = 'endpoint')"
+    )
+    access_id: SecretStr | None = Field(default=None, description="AWS access key id")
+    secret_key: SecretStr | None = Field(default=None, description="AWS secret access key")
+    profile: str | None = Field(default=None, description="boto3 profile name")
+    base_region: str | None = Field(
+        default=None,
+        description="Region the image is uploaded to and tested in; default: the AMI list's first",
+    )
+    regions: list[str] | Literal["all"] | None = Field(
+        default=None,
+        description="Regions to publish to; 'all' = every region the endpoint reports; "
+        "default: the AMI list's regions, or 'all' without an AMI list",
+    )
+    exclude_regions: list[str] = Field(
+        default_factory=list, description="Regions left out of 'all'"
+    )
+    best_effort_regions: list[str] = Field(
+        default_factory=list, description="Regions whose failure does not fail the job"
+    )
+    amis: AmiList = Field(default_factory=list, description="The legacy AMI list")
+    flavours: list[str] | None = Field(
+        default=None,
+        description="AMI rows, e.g. 'hvm-ebs-gp2'; default: the seed's EBS rows that can exist",
+    )
+    volume_types: list[str] = Field(
+        default_factory=lambda: ["standard", "gp2"],
+        description="Volume types of the default rows (fedimg 2.x key)",
+    )
+    upload_method: Literal["direct", "utility", "import"] = Field(
+        default="direct", description="How the image becomes a snapshot"
+    )
+    parallel_regions: int = Field(
+        default=8, ge=1, le=64, description="Regions replicated and published at once"
+    )
+    workers: int = Field(default=8, ge=1, le=64, description="PutSnapshotBlock workers")
+    volume_size: int | None = Field(
+        default=None, ge=1, description="Root volume size in GiB; default: image size rounded up"
+    )
+    util_volume_size: int | None = Field(default=None, ge=1, description="Utility volume GiB")
+    test_volume_size: int | None = Field(default=None, ge=1, description="Test volume GiB")
+    util_username: str = Field(default="ec2-user", description="SSH user of the utility AMI")
+    test_username: str = Field(default="fedora", description="SSH user of the tested AMI")
+    util_instance_type: str = Field(default="t3.micro", description="Utility instance type")
+    test_instance_type: str = Field(default="t3.micro", description="Test instance type")
+    keyname: str | None = Field(default=None, description="Existing EC2 key pair name")
+    keypath: Path | None = Field(default=None, description="Private key of keyname")
+    pubkeypath: Path | None = Field(default=None, description="Public key of keyname")
+    iam_profile: str | None = Field(default=None, description="Instance profile (legacy)")
+    bucket_name: str | None = Field(default=None, description="S3 bucket (import method)")
+    test: str | None = Field(
+        default=None, description="Test script; exit 0 = the AMI passed. None: no test step"
+    )
+    test_runner: Literal["command", "ssh", "qemu"] = Field(
+        default="command", description="Where the test script runs"
+    )
+    test_timeout: float = Field(default=600.0, gt=0, description="Seconds the test may run")
+    make_public: bool = Field(
+        default=True, description="Make AMIs and snapshots public after the test passed"
+    )
+    name_prefix: str | None = Field(
+        default=None, description="Prefix of AMI names; default: the image name"
+    )
+
+    @field_validator("base_region")
+    @classmethod
+    def _region_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_region(value)
+        return value
+
+    @field_validator("regions")
+    @classmethod
+    def _regions_shape(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list):
+            for region in value:
+                _check_region(region)
+        return value
+
+    @field_validator("exclude_regions", "best_effort_regions")
+    @classmethod
+    def _region_list_shape(cls, value: list[str]) -> list[str]:
+        for region in value:
+            _check_region(region)
+        return value
+
+    @field_validator("volume_types")
+    @classmethod
+    def _known_volume_types(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - {"standard", "gp2", "gp3", "io1", "io2"})
+        if unknown:
+            raise ValueError(f"unknown volume types {unknown}")
+        return value
+
+
+PublisherName = Literal["journal", "amqp", "stdout"]
+
+
+def _default_publishers() -> list[PublisherName]:
+    return ["journal"]
+
+
+class MessagingSettings(_Model):
+    """``[messaging]``: where fedimg's messages go besides the catalog's journal."""
+
+    publishers: list[PublisherName] = Field(
+        default_factory=_default_publishers, description="Message publishers"
+    )
+    topic_prefix: str = Field(
+        default="org.fedoraproject.dev", description="Prefix of every topic sent"
+    )
+    amqp_url: SecretStr | None = Field(default=None, description="AMQP broker URL")
+
+
+class Config(_Model):
+    """The whole configuration; ``source`` says which file it came from (None: defaults)."""
+
+    general: GeneralSettings = Field(default_factory=GeneralSettings)
+    aws: AwsSettings = Field(default_factory=AwsSettings)
+    messaging: MessagingSettings = Field(default_factory=MessagingSettings)
+    source: Annotated[Path | None, Field(exclude=True)] = None
+
+    def catalog_url(self) -> str:
+        """The catalog's SQLAlchemy URL: configured, or SQLite in the state directory."""
+        if self.general.catalog_url:
+            return self.general.catalog_url
+        return f"sqlite:///{state_dir() / 'catalog.sqlite'}"
+
+    def base_region(self) -> str:
+        """The region the image is uploaded to first."""
+        if self.aws.base_region:
+            return self.aws.base_region
+        if self.aws.amis:
+            return self.aws.amis[0].region
+        if isinstance(self.aws.regions, list) and self.aws.regions:
+            return self.aws.regions[0]
+        return "us-east-1"
+
+    def aki_for(self, region: str, arch: str) -> str | None:
+        """The AKI the AMI list gives for ``region`` and ``arch``, or None."""
+        for entry in self.aws.amis:
+            if entry.region == region and entry.arch == arch and entry.aki:
+                return entry.aki
+        return None
+
+    def masked(self) -> dict[str, Any]:
+        """The configuration as plain data with every secret replaced by ``'***'``."""
+        data = self.model_dump(mode="json")
+        for section, key in (
+            ("aws", "access_id"),
+            ("aws", "secret_key"),
+            ("messaging", "amqp_url"),
+        ):
+            if data[section].get(key) is not None:
+                data[section][key] = "***"
+        return data
+
+
+def _check_region(value: str) -> None:
+    if not REGION_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a region name (like us-east-1)")
+
+
+def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The configuration file to load, by the documented lookup order; None if there is none.
+
+    An explicit path (``--config``) or ``$FEDIMG_CONFIG`` must exist: naming a missing file is an error,
+    not a silent fall back to the defaults.
+    """
+    for named, origin in ((explicit, "--config"), (environ.get("FEDIMG_CONFIG"), "FEDIMG_CONFIG")):
+        if named:
+            path = Path(named)
+            if not path.is_file():
+                raise ConfigError(f"{path}: no such config file (from {origin})")
+            return path
+    for candidate in default_search_path():
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration by the lookup order; defaults when no file exists.
+
+    Raises :class:`ConfigError` for an unreadable or invalid file.
+    """
+    found = find_config_file(path, os.environ if environ is None else environ)
+    if found is None:
+        return Config()
+    return load_config_file(found)
+
+
+def load_config_file(path: Path) -> Config:
+    """Load one file, TOML or legacy INI (told apart by its content, not its name)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    if _looks_like_legacy_ini(text):
+        data = _legacy_ini_to_data(path, text)
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data = _normalise_toml(path, text, data)
+    return _validate(path, data)
+
+
+def _looks_like_legacy_ini(text: str) -> bool:
+    # The 0.x INI has unquoted values and a multi-line `amis` list that TOML cannot parse; a file
+    # that parses as TOML is TOML.
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return True
+    return False
+
+
+def _validate(path: Path, data: dict[str, Any]) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _key_name(first["loc"])
+        raise ConfigError(f"{path}: {key}: {_plain(first['msg'])}") from exc
+    return config.model_copy(update={"source": path})
+
+
+def _key_name(loc: Iterable[int | str]) -> str:
+    parts = [str(p) for p in loc]
+    if not parts:
+        return "(top level)"
+    if len(parts) == 1:
+        return parts[0]
+    section, rest = parts[0], parts[1:]
+    return f"[{section}] " + ".".join(rest)
+
+
+def _plain(message: str) -> str:
+    return message.replace("Value error, ", "").replace("Extra inputs", "Unknown key")
+
+
+def parse_ami_list(
+    path: Path, text: str, entries: Iterable[str], *, first_line: int | None = None
+) -> list[dict[str, Any]]:
+    """Parse AMI-list entries (``region|arch|ami|aki`` or ``region|os|ver|arch|ami|aki``).
+
+    ``text`` is the whole file, used to find each entry's line for error messages.
+    """
+    parsed: list[dict[str, Any]] = []
+    for raw in entries:
+        entry = raw.strip()
+        if not entry:
+            continue
+        line = _line_of(text, entry, first_line)
+        where = f"{path}:{line}" if line else str(path)
+        fields = [f.strip() for f in entry.split("|")]
+        if len(fields) == 4:
+            region, arch, ami, aki = fields
+            extra: dict[str, Any] = {}
+        elif len(fields) == 6:
+            region, os_name, version, arch, ami, aki = fields
+            extra = {"os": os_name, "version": version}
+        else:
+            raise ConfigError(
+                f"{where}: [aws] amis: malformed entry {entry!r}: expected "
+                f"region|arch|ami|aki or region|os|ver|arch|ami|aki, got {len(fields)} fields"
+            )
+        if not all([region, arch, ami]):
+            raise ConfigError(f"{where}: [aws] amis: entry {entry!r} has an empty field")
+        if not REGION_PATTERN.match(region):
+            raise ConfigError(f"{where}: [aws] amis: {region!r} is not a region name")
+        if arch not in ARCH_ALIASES:
+            raise ConfigError(f"{where}: [aws] amis: unknown architecture {arch!r}")
+        if not ami.startswith("ami-"):
+            raise ConfigError(f"{where}: [aws] amis: {ami!r} is not an AMI id")
+        if aki and not aki.startswith("aki-"):
+            raise ConfigError(f"{where}: [aws] amis: {aki!r} is not an AKI id")
+        parsed.append(
+            {
+                "region": region,
+                "arch": ARCH_ALIASES[arch],
+                "ami": ami,
+                "aki": aki or None,
+                "line": line,
+                **extra,
+            }
+        )
+    return parsed
+
+
+def _line_of(text: str, entry: str, after: int | None) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if after is not None and number < after:
+            continue
+        if entry in line:
+            return number
+    return None
+
+
+def _legacy_ini_to_data(path: Path, text: str) -> dict[str, Any]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: not valid TOML or INI: {str(exc).splitlines()[0]}") from exc
+    data: dict[str, Any] = {}
+    for section in parser.sections():
+        if section in LEGACY_IGNORED_SECTIONS:
+            continue
+        values: dict[str, Any] = dict(parser.items(section))
+        data[section] = values
+    aws = data.get("aws", {})
+    if "amis" in aws:
+        aws["amis"] = parse_ami_list(path, text, str(aws["amis"]).splitlines())
+    for key in ("util_volume_size", "test_volume_size", "volume_size"):
+        if key in aws:
+            aws[key] = _int_value(path, "aws", key, aws[key])
+    # fedimg 0.x kept these in the INI and the AWS SDK ignored them when empty.
+    for key in ("keyname", "keypath", "pubkeypath", "iam_profile"):
+        if key in aws and not str(aws[key]).strip():
+            del aws[key]
+    general = data.get("general", {})
+    for key in ("clean_up_on_failure", "delete_images_on_failure"):
+        if key in general:
+            general[key] = _bool_value(path, "general", key, general[key])
+    return data
+
+
+def _int_value(path: Path, section: str, key: str, value: Any) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [{section}] {key}: {value!r} is not a whole number") from exc
+
+
+def _bool_value(path: Path, section: str, key: str, value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text in {"1", "yes", "true", "on"}:
+        return True
+    if text in {"0", "no", "false", "off"}:
+        return False
+    raise ConfigError(f"{path}: [{section}] {key}: {value!r} is not true or false")
+
+
+def _normalise_toml(path: Path, text: str, data: dict[str, Any]) -> dict[str, Any]:
+    aws = data.get("aws")
+    if isinstance(aws, dict) and "amis" in aws:
+        amis = aws["amis"]
+        if isinstance(amis, str):
+            amis = amis.splitlines()
+        if isinstance(amis, list) and all(isinstance(a, str) for a in amis):
+            aws["amis"] = parse_ami_list(path, text, amis)
+    return data

@@ -1,0 +1,267 @@
+"""The embedded AWS endpoint: moto's server on 127.0.0.1, spoken to over real HTTP with real boto3.
+
+It is fedimg's default target, so that a demo or a test never touches an AWS account by accident.
+
+moto keeps little of some APIs. Where that would make fedimg's behaviour untestable, this module
+makes the emulator more faithful to AWS (never the other way round: fedimg is not weakened to fit
+moto). Each fidelity fix says which AWS behaviour it restores:
+
+- EBS ``StartSnapshot`` honours ``ClientToken`` (a retried start returns the same snapshot), reports
+  AWS's 512 KiB ``BlockSize``, keeps ``Encrypted``, and creates no volume (moto made one as a side
+  effect, which would look like a leaked volume). The EC2 snapshot stays ``pending`` until
+  ``CompleteSnapshot``.
+- EBS ``ListSnapshotBlocks`` returns blocks in index order and pages with ``MaxResults`` /
+  ``NextToken`` / ``StartingBlockIndex`` like AWS.
+- EC2 ``RegisterImage`` keeps what AWS keeps (moto kept only the name): block device mappings
+  (pointing at the given snapshot, not a made-up one), architecture, virtualization, kernel, root
+  device, boot mode, ENA/SR-IOV/TPM/IMDS attributes, image location and tags; and, like AWS, it
+  refuses a name already in use (``InvalidAMIName.Duplicate``) and an unknown snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: The account id moto answers with; the embedded target's credentials are fixed and fake.
+EMBEDDED_ACCOUNT_ID = "123456789012"
+EMBEDDED_ACCESS_KEY = "fedimg-embedded"
+EMBEDDED_SECRET_KEY = "fedimg-embedded"
+EBS_BLOCK_SIZE = 512 * 1024
+
+_patch_lock = threading.Lock()
+_patched = False
+
+
+@dataclass(frozen=True)
+class EmbeddedEndpoint:
+    """Where a running embedded endpoint listens."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """The endpoint URL to give boto3."""
+        return f"http://{self.host}:{self.port}"
+
+
+class EmbeddedAWS:
+    """moto's threaded server in this process; a context manager.
+
+    ``start`` binds 127.0.0.1 at ``port`` (0: a free port). The emulator's state is per process, so
+    two instances in one process share it; :meth:`reset` clears it.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._host = host
+        self._port = port
+        self._server: Any = None
+        self._endpoint: EmbeddedEndpoint | None = None
+
+    @property
+    def endpoint(self) -> EmbeddedEndpoint:
+        """The running endpoint; raises RuntimeError before :meth:`start`."""
+        if self._endpoint is None:
+            raise RuntimeError("the embedded AWS endpoint is not started")
+        return self._endpoint
+
+    def start(self) -> EmbeddedEndpoint:
+        """Start the server (idempotent) and return where it listens."""
+        if self._endpoint is not None:
+            return self._endpoint
+        # moto would otherwise preload ~1300 public AMIs per region: slow to start, and noise in
+        # every listing. Set before moto's EC2 backend is first used.
+        os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+        apply_fidelity_fixes()
+        # Werkzeug logs every request at INFO; fedimg's own log says what matters.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=self._host, port=self._port, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self._endpoint = EmbeddedEndpoint(host=host, port=int(port))
+        log.debug("embedded AWS endpoint listening on %s", self._endpoint.url)
+        return self._endpoint
+
+    def stop(self) -> None:
+        """Stop the server if it runs."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+            self._endpoint = None
+
+    def reset(self) -> None:
+        """Forget every resource the emulator holds (moto's reset API, over HTTP)."""
+        request = urllib.request.Request(f"{self.endpoint.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def __enter__(self) -> EmbeddedAWS:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def apply_fidelity_fixes() -> None:
+    """Make moto's EBS direct APIs behave as AWS's do (see the module docstring). Idempotent."""
+    global _patched  # noqa: PLW0603 - a process-wide, once-only patch
+    with _patch_lock:
+        if _patched:
+            return
+        from moto.core.responses import ActionResult
+        from moto.ebs.responses import EBSResponse
+
+        def start_snapshot(self: Any) -> Any:
+            backend = self.ebs_backend
+            tokens: dict[str, str] = backend.__dict__.setdefault("_fedimg_client_tokens", {})
+            token = self._get_param("ClientToken")
+            snapshot = backend.snapshots.get(tokens.get(token, "")) if token else None
+            if snapshot is None:
+                snapshot = backend.start_snapshot(
+                    volume_size=self._get_param("VolumeSize"),
+                    tags=self._get_param("Tags"),
+                    description=self._get_param("Description"),
+                )
+                snapshot.block_size = EBS_BLOCK_SIZE
+                ec2_snapshot = backend.ec2_backend.snapshots[snapshot.snapshot_id]
+                ec2_snapshot.status = "pending"
+                ec2_snapshot.encrypted = bool(self._get_param("Encrypted"))
+                # AWS's StartSnapshot makes no volume; moto's helper volume would look leaked.
+                backend.ec2_backend.volumes.pop(ec2_snapshot.volume.id, None)
+                if token:
+                    tokens[token] = snapshot.snapshot_id
+            return ActionResult(
+                {
+                    "SnapshotId": snapshot.snapshot_id,
+                    "OwnerId": snapshot.account_id,
+                    "Status": snapshot.status,
+                    "StartTime": snapshot.start_time,
+                    "VolumeSize": snapshot.volume_size,
+                    "BlockSize": snapshot.block_size,
+                    "Tags": snapshot.tags,
+                    "Description": snapshot.description,
+                }
+            )
+
+        def complete_snapshot(self: Any) -> Any:
+            snapshot_id = self._get_param("SnapshotId")
+            status = self.ebs_backend.complete_snapshot(snapshot_id=snapshot_id)
+            ec2_snapshot = self.ebs_backend.ec2_backend.snapshots.get(snapshot_id)
+            if ec2_snapshot is not None:
+                ec2_snapshot.status = "completed"
+            return ActionResult({"Status": status})
+
+        def list_snapshot_blocks(self: Any) -> Any:
+            snapshot = self.ebs_backend.list_snapshot_blocks(
+                snapshot_id=self._get_param("SnapshotId")
+            )
+            start = int(self._get_param("NextToken") or self._get_param("StartingBlockIndex") or 0)
+            limit = int(self._get_param("MaxResults") or 10000)
+            indexes = sorted(i for i in snapshot.blocks if i >= start)
+            page, rest = indexes[:limit], indexes[limit:]
+            result: dict[str, Any] = {
+                "Blocks": [
+                    {"BlockIndex": i, "BlockToken": snapshot.blocks[i].block_token} for i in page
+                ],
+                "VolumeSize": snapshot.volume_size,
+                "BlockSize": snapshot.block_size,
+            }
+            if rest:
+                result["NextToken"] = str(rest[0])
+            return ActionResult(result)
+
+        _fix_register_image()
+        setattr(EBSResponse, "start_snapshot", start_snapshot)  # noqa: B010
+        setattr(EBSResponse, "complete_snapshot", complete_snapshot)  # noqa: B010
+        setattr(EBSResponse, "list_snapshot_blocks", list_snapshot_blocks)  # noqa: B010
+        _patched = True
+
+
+def serve_forever(*, host: str = "127.0.0.1", port: int = 5000) -> None:
+    """Run the embedded endpoint in the foreground until interrupted (``fedimg embedded serve``)."""
+    aws = EmbeddedAWS(host=host, port=port)
+    endpoint = aws.start()
+    print(f"embedded AWS endpoint: {endpoint.url}", flush=True)
+    stop = threading.Event()
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        aws.stop()
+
+
+def _fix_register_image() -> None:
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.amis import Ami
+    from moto.ec2.responses.amis import AmisResponse
+
+    original_mappings: Any = Ami.block_device_mappings
+
+    def block_device_mappings(self: Any) -> Any:
+        kept = self.__dict__.get("_fedimg_mappings")
+        return kept if kept is not None else original_mappings.fget(self)
+
+    def register_image(self: Any) -> Any:
+        self.error_on_dryrun()
+        backend = self.ec2_backend
+        name = self._get_param("Name")
+        for existing in backend.amis.values():
+            if existing.name == name and existing.owner_id == backend.account_id:
+                raise EC2ClientError(
+                    "InvalidAMIName.Duplicate",
+                    f"AMI name {name} is already in use by AMI {existing.id}",
+                )
+        mappings = self._get_param("BlockDeviceMappings", []) or []
+        root_snapshot = None
+        for mapping in mappings:
+            snapshot_id = (mapping.get("Ebs") or {}).get("SnapshotId")
+            if snapshot_id:
+                if snapshot_id not in backend.snapshots:
+                    raise EC2ClientError(
+                        "InvalidSnapshot.NotFound", f"The snapshot '{snapshot_id}' does not exist."
+                    )
+                root_snapshot = root_snapshot or backend.snapshots[snapshot_id]
+        image = backend.register_image(name, self._get_param("Description", ""))
+        # moto invents a snapshot for every AMI; AWS uses the one in the mappings.
+        backend.snapshots.pop(image.ebs_snapshot.id, None)
+        if root_snapshot is not None:
+            image.ebs_snapshot = root_snapshot
+        image.architecture = self._get_param("Architecture") or "i386"
+        image.virtualization_type = self._get_param("VirtualizationType") or "paravirtual"
+        image.kernel_id = self._get_param("KernelId")
+        image.root_device_name = self._get_param("RootDeviceName") or image.root_device_name
+        image.root_device_type = "ebs" if root_snapshot is not None else "instance-store"
+        image.boot_mode = self._get_param("BootMode")
+        image.image_location = self._get_param("ImageLocation")
+        image.ena_support = bool(self._get_param("EnaSupport"))
+        image.sriov_net_support = self._get_param("SriovNetSupport")
+        image.tpm_support = self._get_param("TpmSupport")
+        image.imds_support = self._get_param("ImdsSupport")
+        image.__dict__["_fedimg_mappings"] = [
+            {
+                "DeviceName": m.get("DeviceName"),
+                **({"Ebs": dict(m["Ebs"])} if m.get("Ebs") else {}),
+                **({"VirtualName": m["VirtualName"]} if m.get("VirtualName") else {}),
+            }
+            for m in mappings
+        ]
+        for spec in self._get_param("TagSpecifications", []) or []:
+            if spec.get("ResourceType") == "image":
+                tags = {t["Key"]: t["Value"] for t in spec.get("Tags", [])}
+                backend.create_tags([image.id], tags)
+        return ActionResult({"ImageId": image.id})
+
+    setattr(Ami, "block_device_mappings", property(block_device_mappings))  # noqa: B010
+    setattr(AmisResponse, "register_image", register_image)  # noqa: B010

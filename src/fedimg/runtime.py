@@ -1,0 +1,142 @@
+"""Wiring for entry points: from a Config to a target, clients, catalog and messenger.
+
+Entry points (CLI, bus consumer, web) build a :class:`Runtime` and close it when done. It starts the
+embedded AWS endpoint when the configuration targets it, and never otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedimg.aws import ClientFactory, EventHook, TargetSpec
+from fedimg.catalog import Catalog
+from fedimg.config import Config
+from fedimg.embedded import EmbeddedAWS
+from fedimg.errors import ConfigError
+from fedimg.messages import Messenger, Publisher, StdoutPublisher
+from fedimg.progress import Progress
+from fedimg.services.ec2.service import EC2Service
+from fedimg.services.ec2.testing import CommandRunner, TestRunner
+
+log = logging.getLogger(__name__)
+
+
+def target_spec(config: Config, embedded: EmbeddedAWS | None) -> TargetSpec:
+    """Where requests go, from the config (the embedded endpoint must be started by the caller)."""
+    aws = config.aws
+    if aws.target == "embedded":
+        if embedded is None:
+            raise ConfigError("the embedded target needs a running embedded endpoint")
+        return TargetSpec(target="embedded", endpoint_url=embedded.endpoint.url)
+    access = aws.access_id.get_secret_value() if aws.access_id else None
+    secret = aws.secret_key.get_secret_value() if aws.secret_key else None
+    if aws.target == "endpoint":
+        if not aws.endpoint_url:
+            raise ConfigError("[aws] endpoint_url: required when target = 'endpoint'")
+        return TargetSpec(
+            target="endpoint",
+            endpoint_url=aws.endpoint_url,
+            access_key=access or "fedimg",
+            secret_key=secret or "fedimg",
+            profile=aws.profile,
+        )
+    return TargetSpec(target="aws", access_key=access, secret_key=secret, profile=aws.profile)
+
+
+@dataclass
+class Runtime:
+    """Everything a job needs, built from one Config. Use as a context manager."""
+
+    config: Config
+    hooks: list[EventHook] = field(default_factory=list)
+    publishers: list[Publisher] = field(default_factory=list)
+    embedded: EmbeddedAWS | None = None
+    _clients: ClientFactory | None = None
+    _catalog: Catalog | None = None
+    _messenger: Messenger | None = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the embedded endpoint if the config targets it (idempotent)."""
+        if self.config.aws.target == "embedded" and self.embedded is None:
+            self.embedded = EmbeddedAWS()
+            self.embedded.start()
+
+    @property
+    def spec(self) -> TargetSpec:
+        """The target, started if needed."""
+        self.start()
+        return target_spec(self.config, self.embedded)
+
+    @property
+    def clients(self) -> ClientFactory:
+        """The one client factory."""
+        if self._clients is None:
+            self._clients = ClientFactory(
+                self.spec, pool_size=self.config.aws.workers + 8, hooks=self.hooks
+            )
+        return self._clients
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog (created on first use)."""
+        if self._catalog is None:
+            self._catalog = Catalog(self.config.catalog_url())
+        return self._catalog
+
+    @property
+    def messenger(self) -> Messenger:
+        """The messenger with the configured publishers (the journal is always on)."""
+        if self._messenger is None:
+            publishers = list(self.publishers)
+            if "stdout" in self.config.messaging.publishers:
+                publishers.append(StdoutPublisher())
+            self._messenger = Messenger(
+                catalog=self.catalog,
+                topic_prefix=self.config.messaging.topic_prefix,
+                publishers=publishers,
+            )
+        return self._messenger
+
+    def test_runner(self) -> TestRunner:
+        """The configured test runner."""
+        name = self.config.aws.test_runner
+        if name == "command":
+            return CommandRunner()
+        raise ConfigError(f"[aws] test_runner: {name!r} is not available in this version")
+
+    def service(self, *, progress: Progress | None = None) -> EC2Service:
+        """The EC2 service for this runtime."""
+        endpoint = self.spec.endpoint_url
+        return EC2Service(
+            config=self.config,
+            clients=self.clients,
+            catalog=self.catalog,
+            messenger=self.messenger,
+            runner=self.test_runner() if self.config.aws.test else None,
+            progress=progress,
+            endpoint_url=endpoint,
+        )
+
+    def close(self) -> None:
+        """Stop what was started; release the catalog."""
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def describe(self) -> dict[str, Any]:
+        """Secret-free facts for the user: target, catalog."""
+        from sqlalchemy.engine import make_url
+
+        catalog = make_url(self.config.catalog_url()).render_as_string(hide_password=True)
+        return {"target": self.spec.describe(), "catalog": catalog}

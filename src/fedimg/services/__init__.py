@@ -1,0 +1,1 @@
+"""Publishing services (EC2 only)."""
