@@ -53,6 +53,7 @@ class Runtime:
     hooks: list[EventHook] = field(default_factory=list)
     publishers: list[Publisher] = field(default_factory=list)
     embedded: EmbeddedAWS | None = None
+    owns_embedded: bool = False
     _clients: ClientFactory | None = None
     _catalog: Catalog | None = None
     _messenger: Messenger | None = None
@@ -67,6 +68,8 @@ class Runtime:
         """Start the embedded endpoint if the config targets it (idempotent)."""
         if self.config.aws.target == "embedded" and self.embedded is None:
             self.embedded = EmbeddedAWS()
+            self.owns_embedded = True
+        if self.embedded is not None:
             self.embedded.start()
 
     @property
@@ -130,7 +133,7 @@ class Runtime:
         if self._catalog is not None:
             self._catalog.close()
             self._catalog = None
-        if self.embedded is not None:
+        if self.embedded is not None and self.owns_embedded:
             self.embedded.stop()
             self.embedded = None
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -80,6 +81,8 @@ class CommandRunner:
         argv = script_argv(script)
         env = {
             **os.environ,
+            # fedimg's own interpreter first: test scripts may use boto3 and the fedimg CLI.
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
             "FEDIMG_AMI_ID": target.ami.ami_id,
             "FEDIMG_AMI_NAME": target.ami.name,
             "FEDIMG_REGION": target.ami.region,
