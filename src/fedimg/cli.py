@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedimg import __version__
-from fedimg.config import Config, load_config, load_config_file
+from fedimg.config import Config, fallback_config, load_config, load_config_file
 from fedimg.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    ConfigError,
     FedimgError,
     InputError,
 )
@@ -68,29 +69,21 @@ def _runtime(config: Config) -> Runtime:
 def cmd_upload(args: argparse.Namespace) -> int:
     """Publish an image: upload, register, test, replicate, make public."""
     from fedimg.services.ec2.service import PublishRequest
-    from fedimg.source import normalise_sha256, parse_checksum_file, resolve_source
+    from fedimg.source import resolve_source
 
-    config = _load(args)
-    source = resolve_source(args.source, arch=args.arch)
-    expected = normalise_sha256(args.sha256) if args.sha256 else None
-    if args.checksum_file:
-        try:
-            text = Path(args.checksum_file).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise InputError(f"{args.checksum_file}: cannot read: {exc.strerror}") from exc
-        file_name = Path(source.location).name
-        found = parse_checksum_file(text, file_name)
-        if found is None:
-            raise InputError(f"{args.checksum_file}: no SHA256 line for {file_name}")
-        if expected and expected != found:
-            raise InputError(f"--sha256 and {args.checksum_file} disagree for {file_name}")
-        expected = found
-    regions = (
-        tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else None
-    )
-    flavours = (
-        tuple(f.strip() for f in args.flavours.split(",") if f.strip()) if args.flavours else None
-    )
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        _announce_rejection(args, fallback_config(args.config), exc)
+        raise
+    try:
+        source = resolve_source(args.source, arch=args.arch)
+        expected = _expected_sha256(args, source.location)
+    except FedimgError as exc:
+        _announce_rejection(args, config, exc)
+        raise
+    regions = _split(args.regions)
+    flavours = _split(args.flavours)
     with _runtime(config) as runtime:
         service = runtime.service(progress=_progress(args.progress))
         result = service.publish(
@@ -117,6 +110,62 @@ def cmd_upload(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return int(result.exit_code)
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _expected_sha256(args: argparse.Namespace, location: str) -> str | None:
+    from fedimg.source import normalise_sha256, parse_checksum_file
+
+    expected = normalise_sha256(args.sha256) if args.sha256 else None
+    if args.checksum_file:
+        try:
+            text = Path(args.checksum_file).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise InputError(f"{args.checksum_file}: cannot read: {exc.strerror}") from exc
+        file_name = Path(location).name
+        found = parse_checksum_file(text, file_name)
+        if found is None:
+            raise InputError(f"{args.checksum_file}: no SHA256 line for {file_name}")
+        if expected and expected != found:
+            raise InputError(f"--sha256 and {args.checksum_file} disagree for {file_name}")
+        expected = found
+    return expected
+
+
+def _announce_rejection(args: argparse.Namespace, config: Config, error: FedimgError) -> None:
+    """Bad input still gets a ``failed`` message and a failed job in the catalog (no AWS needed)."""
+    from fedimg.catalog import Catalog
+    from fedimg.events import ImageInfo
+    from fedimg.messages import Messenger
+    from fedimg.services.ec2.service import record_rejection
+
+    name = Path(args.source.rstrip("/")).name
+    for suffix in (".raw.xz", ".raw.gz", ".raw.zst", ".raw"):
+        name = name.removesuffix(suffix)
+    image = ImageInfo(
+        name=name or args.source,
+        url=args.source,
+        arch=args.arch or "unknown",
+        compose_id=args.compose_id,
+        release=args.release,
+    )
+    try:
+        catalog = Catalog(config.catalog_url())
+    except Exception as exc:  # the catalog itself is unusable: the error line is all we can give
+        log.warning("cannot record the failure in the catalog: %s", exc)
+        return
+    try:
+        messenger = Messenger(catalog=catalog, topic_prefix=config.messaging.topic_prefix)
+        record_rejection(
+            catalog=catalog, messenger=messenger, config=config, image=image, error=error
+        )
+    finally:
+        catalog.close()
 
 
 def _print_ami_table(amis: list[dict[str, Any]]) -> None:

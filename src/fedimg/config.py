@@ -306,6 +306,41 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     return load_config_file(found)
 
 
+def fallback_config(
+    explicit: str | Path | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Where to record a failure when the configuration itself is invalid.
+
+    Reads only ``[general] catalog_url`` and ``[messaging] topic_prefix`` from the file, leniently,
+    so that a broken config still gets its ``failed`` message in the right journal; anything
+    unreadable falls back to the defaults. Never raises.
+    """
+    env = os.environ if environ is None else environ
+    named = explicit or env.get("FEDIMG_CONFIG")
+    candidates = [Path(named)] if named else default_search_path()
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return Config()
+    data: dict[str, Any] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw: dict[str, Any] = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            parser = configparser.ConfigParser(interpolation=None)
+            parser.read_string(text)
+            raw = {section: dict(parser.items(section)) for section in parser.sections()}
+        url = raw.get("general", {}).get("catalog_url")
+        prefix = raw.get("messaging", {}).get("topic_prefix")
+        if isinstance(url, str):
+            data["general"] = {"catalog_url": url}
+        if isinstance(prefix, str):
+            data["messaging"] = {"topic_prefix": prefix}
+        return Config.model_validate(data)
+    except (OSError, ValueError, configparser.Error, ValidationError):
+        return Config()
+
+
 def load_config_file(path: Path) -> Config:
     """Load one file, TOML or legacy INI (told apart by its content, not its name)."""
     try:

@@ -55,8 +55,10 @@ class RegisteredAmi:
 
 def find_registered(
     ec2: EC2Client, *, region: str, image_sha256: str, flavour: Flavour
-) -> tuple[str, str] | None:
-    """(ami id, name) of this image's AMI for ``flavour`` in ``region``; None if there is none.
+) -> tuple[str, str, str | None] | None:
+    """(ami id, name, root snapshot id) of this image's AMI for ``flavour`` in ``region``.
+
+    None if there is none.
 
     Raises :class:`AWSError` if there are several (the region needs a human look).
     """
@@ -80,7 +82,17 @@ def find_registered(
             code="AmbiguousImages",
             detail=f"{len(ids)} AMIs for flavour {flavour.name} of this image",
         )
-    return images[0]["ImageId"], images[0].get("Name", "")
+    image = images[0]
+    root = image.get("RootDeviceName")
+    snapshot = next(
+        (
+            m["Ebs"].get("SnapshotId")
+            for m in image.get("BlockDeviceMappings", [])
+            if m.get("DeviceName") == root and "Ebs" in m
+        ),
+        None,
+    )
+    return image["ImageId"], image.get("Name", ""), snapshot
 
 
 def free_name(ec2: EC2Client, *, region: str, flavour: Flavour, image_name: str) -> str:
@@ -128,7 +140,7 @@ def register_flavours(
                 ami_id=found[0],
                 name=found[1],
                 flavour=flavour,
-                snapshot_id=request.snapshot_id,
+                snapshot_id=found[2] or request.snapshot_id,
                 reused=True,
             )
             log.info("reusing %s (%s) in %s", ami.ami_id, ami.name, request.region)

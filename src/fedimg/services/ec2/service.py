@@ -244,9 +244,7 @@ class EC2Service:
         try:
             regions, flavours = self.plan(request)
         except FedimgError as exc:
-            return PublishResult(
-                job_id=None, status="failed", image=image, error=str(exc), exit_code=exc.exit_code
-            )
+            return self.reject(image, exc)
         job = self.catalog.create_job(
             image_name=source.name,
             image_url=source.url,
@@ -268,6 +266,55 @@ class EC2Service:
             flavours=flavours,
         )
         return run.execute()
+
+    def reject(self, image: ImageInfo, error: FedimgError) -> PublishResult:
+        """Record and announce a job that failed before it started (see record_rejection)."""
+        return record_rejection(
+            catalog=self.catalog,
+            messenger=self.messenger,
+            config=self.config,
+            image=image,
+            error=error,
+        )
+
+
+def record_rejection(
+    *,
+    catalog: Catalog,
+    messenger: Messenger,
+    config: Config,
+    image: ImageInfo,
+    error: FedimgError,
+) -> PublishResult:
+    """Record a job that failed before it started (bad input or config) and announce it.
+
+    Nothing was created in AWS; the job is kept in the catalog as ``failed`` with the reason, and
+    an ``image.upload`` ``failed`` message is sent for the base region.
+    """
+    job = catalog.create_job(
+        image_name=image.name,
+        image_url=image.url,
+        arch=image.arch,
+        image_sha256=image.sha256,
+        compose_id=image.compose_id,
+        release=image.release,
+        config_fingerprint=None,
+    )
+    catalog.update_job(job.id, status="failed", error=str(error), step="plan")
+    messenger.emit(
+        StepEvent(
+            job_id=job.id,
+            step="upload",
+            status="failed",
+            region=config.base_region(),
+            image=image,
+            data=str(error),
+        )
+    )
+    log.error("job %s rejected: %s", job.id, error)
+    return PublishResult(
+        job_id=job.id, status="failed", image=image, error=str(error), exit_code=error.exit_code
+    )
 
 
 class _JobRun:
@@ -462,6 +509,19 @@ class _JobRun:
     def register_base(self) -> list[RegisteredAmi]:
         assert self.upload is not None
         amis = self.register_in(self.base, self.upload.snapshot_id)
+        earlier = {a.snapshot_id for a in amis if a.reused}
+        if amis and all(a.reused for a in amis) and len(earlier) == 1:
+            # Every AMI of this image exists already (an earlier job): the snapshot just uploaded
+            # is a duplicate. Drop it and continue from the earlier one, so replication finds the
+            # earlier copies instead of copying again.
+            (snapshot_id,) = earlier
+            if snapshot_id != self.upload.snapshot_id:
+                duplicate = self.upload.snapshot_id
+                with aws_call("DeleteSnapshot", self.base, duplicate):
+                    self.s.clients.ec2(self.base).delete_snapshot(SnapshotId=duplicate)
+                self.ledger.release(duplicate)
+                self.upload = replace(self.upload, snapshot_id=snapshot_id)
+                log.info("image already published: reusing snapshot %s", snapshot_id)
         for ami in amis:
             self.record_ami(ami, source_ami_id=None)
         return amis
