@@ -54,11 +54,26 @@ class TargetSpec:
         return f"target: {self.target} AWS endpoint at {self.endpoint_url}"
 
 
+_session_lock = threading.Lock()
+_session: boto3.session.Session | None = None
+
+
+def _shared_session() -> boto3.session.Session:
+    # One session per process: its loader parses each service model (EC2's is megabytes of
+    # JSON) once, instead of once per factory. Credentials are passed per client.
+    global _session  # noqa: PLW0603
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session
+
+
 class ClientFactory:
     """Cached boto3 clients per (service, region) for one target. Thread-safe.
 
     ``pool_size`` sizes each client's connection pool (the upload's worker count plus headroom);
-    ``hooks`` are botocore event handlers registered on every client created (tests use them to
+    ``retry_mode`` is botocore's: ``adaptive`` (the default) also slows the client down while AWS
+    throttles it. ``hooks`` are botocore event handlers registered on every client created (tests use them to
     record the requests fedimg sends).
     """
 
@@ -69,6 +84,7 @@ class ClientFactory:
         pool_size: int = 16,
         hooks: list[EventHook] | None = None,
         max_attempts: int = MAX_ATTEMPTS,
+        retry_mode: Literal["adaptive", "standard"] = "adaptive",
     ) -> None:
         if spec.target != "aws" and not spec.endpoint_url:
             raise ValueError(f"target {spec.target!r} needs an endpoint URL")
@@ -80,21 +96,25 @@ class ClientFactory:
         self._config = BotoConfig(
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
-            retries={"mode": "adaptive", "max_attempts": max_attempts},
+            retries={"mode": retry_mode, "max_attempts": max_attempts},
             max_pool_connections=pool_size,
         )
 
     def _make_session(self) -> boto3.session.Session:
+        if self.spec.target != "embedded" and self.spec.profile and not self.spec.access_key:
+            return boto3.session.Session(profile_name=self.spec.profile)
+        return _shared_session()
+
+    def _credentials(self) -> dict[str, str]:
         spec = self.spec
         if spec.target == "embedded":
-            return boto3.session.Session(
-                aws_access_key_id=EMBEDDED_ACCESS_KEY, aws_secret_access_key=EMBEDDED_SECRET_KEY
-            )
+            return {
+                "aws_access_key_id": EMBEDDED_ACCESS_KEY,
+                "aws_secret_access_key": EMBEDDED_SECRET_KEY,
+            }
         if spec.access_key and spec.secret_key:
-            return boto3.session.Session(
-                aws_access_key_id=spec.access_key, aws_secret_access_key=spec.secret_key
-            )
-        return boto3.session.Session(profile_name=spec.profile)
+            return {"aws_access_key_id": spec.access_key, "aws_secret_access_key": spec.secret_key}
+        return {}
 
     def add_hook(self, event: str, handler: Callable[..., Any]) -> None:
         """Register a botocore event handler on every client, existing and future."""
@@ -114,6 +134,7 @@ class ClientFactory:
                     region_name=region,
                     endpoint_url=self.spec.endpoint_url,
                     config=self._config,
+                    **self._credentials(),
                 )
                 for event, handler in self._hooks:
                     found.meta.events.register(event, handler)

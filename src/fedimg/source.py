@@ -218,12 +218,17 @@ def http_chunks(
             failures += 1
             sleep(min(2.0**failures * 0.25, 8.0))
             continue
+        length = response.headers.get("Content-Length")
+        end = offset + int(length) if length and length.isdigit() else None
         try:
             with response:
                 while chunk := response.read(READ_CHUNK):
                     offset += len(chunk)
                     failures = 0
                     yield chunk
+            # http.client returns a short body without an error when the peer closes early.
+            if end is not None and offset < end:
+                raise http.client.IncompleteRead(b"", end - offset)
             return
         except (http.client.IncompleteRead, ConnectionError, TimeoutError, OSError) as exc:
             failures += 1
