@@ -185,18 +185,24 @@ def test_messages_follow_the_legacy_order_and_fields(
     )
     result, runtime = publish(runtime_factory, config, sample_image, compose_id="Fedora-41-X")
     assert result.status == "published", result.error
-    sent = runtime.messenger.sent
+    sent = [m for m in runtime.messenger.sent if m.topic.startswith("fedimg.image.")]
     kinds = [(m.topic.rsplit(".", 1)[1], m.body.get("status")) for m in sent]
     assert kinds[:2] == [("upload", "started")] * 2
     assert kinds[2:4] == [("upload", "completed")] * 2
     # one test per (virtualization, storage): the HVM EBS row
     assert kinds[4:6] == [("test", "started"), ("test", "completed")]
-    assert [k for k in kinds[6:8]] == [("copy", None)] * 2
-    assert [k for k in kinds[8:]] == [("publish", None)] * 4
+    assert list(kinds[6:8]) == [("copy", None)] * 2
+    assert list(kinds[8:]) == [("publish", None)] * 4
 
     upload_done = sent[2].body
     assert set(upload_done) == {
-        "image_url", "image_name", "destination", "service", "status", "compose", "extra"
+        "image_url",
+        "image_name",
+        "destination",
+        "service",
+        "status",
+        "compose",
+        "extra",
     }
     assert upload_done["service"] == "EC2"
     assert upload_done["compose"] == "Fedora-41-X"
@@ -212,9 +218,9 @@ def test_messages_follow_the_legacy_order_and_fields(
     assert {"image_name", "image_url", "architecture", "destination", "service", "compose"} <= set(
         publish_body
     )
-    journal, total = runtime.catalog.messages(newest_first=False, limit=100)
-    assert total == len(sent)
-    assert [r.topic for r in journal] == [f"org.fedoraproject.dev.{m.topic}" for m in sent]
+    journal, _total = runtime.catalog.messages(newest_first=False, limit=100)
+    legacy = [r.topic for r in journal if ".fedimg.image." in r.topic]
+    assert legacy == [f"org.fedoraproject.dev.{m.topic}" for m in sent]
 
 
 def test_rerun_of_a_published_image_reuses_its_amis(
@@ -250,9 +256,14 @@ def test_pv_rows_use_the_ami_list_kernels(
     result, _ = publish(runtime_factory, config, sample_image)
     assert result.status == "published", result.error
     assert {a.flavour for a in result.amis} == {
-        "hvm-ebs-standard", "hvm-ebs-gp2", "pv-ebs-standard", "pv-ebs-gp2"
+        "hvm-ebs-standard",
+        "hvm-ebs-gp2",
+        "pv-ebs-standard",
+        "pv-ebs-gp2",
     }
-    pv = [c for c in recorder.of("RegisterImage") if c.params["VirtualizationType"] == "paravirtual"]
+    pv = [
+        c for c in recorder.of("RegisterImage") if c.params["VirtualizationType"] == "paravirtual"
+    ]
     assert len(pv) == 4
     kernels = {c.params["Name"].split("-paravirtual-")[1][:9]: c.params["KernelId"] for c in pv}
     assert kernels == {"us-east-1": "aki-aaaa1111", "eu-west-1": "aki-bbbb2222"}

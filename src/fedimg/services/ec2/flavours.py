@@ -8,9 +8,11 @@ looks inside a flavour: it asks this module for names, parameters and whether a 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fedimg.config import AmiAttributeSettings
 from fedimg.errors import ConfigError
 
 Virtualization = Literal["hvm", "paravirtual"]
@@ -92,18 +94,83 @@ def parse_flavour(name: str) -> Flavour:
 
 
 @dataclass(frozen=True)
+class AmiAttributes:
+    """The attributes one row is registered with (globals merged with the row's overrides)."""
+
+    boot_mode: str | None = None
+    uefi_data: str | None = None
+    tpm_support: str | None = None
+    imds_support: str | None = None
+    ena_support: bool = True
+    sriov_net_support: bool = True
+    root_device_name: str = ROOT_DEVICE
+    root_volume_size: int | None = None
+    delete_on_termination: bool = True
+    iops: int | None = None
+    throughput: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def attributes_for(
+    flavour: Flavour,
+    *,
+    arch: str,
+    common: AmiAttributeSettings | None = None,
+    overrides: dict[str, AmiAttributeSettings] | None = None,
+) -> AmiAttributes:
+    """The row's attributes: its overrides, else the common settings, else the defaults.
+
+    arm64 boots only with UEFI, so its default boot mode is ``uefi``; io1/io2 rows default to
+    3000 IOPS (their minimum useful provisioned rate), gp3 to AWS's baseline.
+    """
+    layers = [o for o in ((overrides or {}).get(flavour.name), common) if o is not None]
+
+    def pick(name: str) -> Any:
+        for layer in layers:
+            value = getattr(layer, name)
+            if value is not None:
+                return value
+        return None
+
+    tags: dict[str, str] = {}
+    for layer in reversed(layers):
+        tags.update(layer.tags)
+    boot_mode = pick("boot_mode") or ("uefi" if arch == "arm64" else None)
+    iops = pick("iops") or flavour.iops
+    throughput = pick("throughput") or flavour.throughput
+    return AmiAttributes(
+        boot_mode=boot_mode,
+        uefi_data=pick("uefi_data"),
+        tpm_support=pick("tpm_support"),
+        imds_support=pick("imds_support"),
+        ena_support=_default(pick("ena_support"), True),
+        sriov_net_support=_default(pick("sriov_net_support"), True),
+        root_device_name=pick("root_device_name") or ROOT_DEVICE,
+        root_volume_size=pick("root_volume_size"),
+        delete_on_termination=_default(pick("delete_on_termination"), True),
+        iops=iops if flavour.volume_type in ("gp3", "io1", "io2") else None,
+        throughput=throughput if flavour.volume_type == "gp3" else None,
+        tags=tags,
+    )
+
+
+def _default(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
 class MatrixContext:
-    """What decides whether a row can exist: architecture and, per region, the AKI."""
+    """What decides whether a row can exist: architecture, per-region AKIs, bundle inputs."""
 
     arch: str
     regions: tuple[str, ...]
     akis: dict[str, str | None] = field(default_factory=dict)
-    boot_mode: str | None = None
-    tpm_support: str | None = None
+    bundle_missing: tuple[str, ...] = ()
 
 
-def refusal(flavour: Flavour, context: MatrixContext) -> str | None:
-    """Why ``flavour`` cannot exist in ``context``, or None if it can."""
+def refusal(flavour: Flavour, context: MatrixContext, attributes: AmiAttributes) -> str | None:
+    """Why ``flavour`` cannot exist in ``context`` with ``attributes``, or None if it can."""
+    boot_mode = attributes.boot_mode
     if flavour.virtualization == "paravirtual":
         if context.arch not in {"x86_64", "i386"}:
             return f"{flavour.name}: paravirtual AMIs exist only for x86 (not {context.arch})"
@@ -113,17 +180,34 @@ def refusal(flavour: Flavour, context: MatrixContext) -> str | None:
                 f"{flavour.name}: paravirtual needs an AKI, and the AMI list gives none for "
                 f"{context.arch} in {', '.join(missing)}"
             )
-        if context.boot_mode in ("uefi", "uefi-preferred"):
-            return f"{flavour.name}: paravirtual AMIs cannot boot with {context.boot_mode}"
-    if context.tpm_support and context.boot_mode not in ("uefi",):
+        if boot_mode in ("uefi", "uefi-preferred"):
+            return f"{flavour.name}: paravirtual AMIs cannot boot with {boot_mode}"
+        if attributes.tpm_support:
+            return f"{flavour.name}: paravirtual AMIs cannot have a TPM"
+    if context.arch == "arm64" and boot_mode == "legacy-bios":
+        return f"{flavour.name}: arm64 AMIs boot only with uefi"
+    if attributes.tpm_support and boot_mode != "uefi":
         return f"{flavour.name}: tpm_support needs boot_mode = 'uefi'"
-    if flavour.storage == "instance-store" and context.arch == "arm64":
-        return f"{flavour.name}: instance-store AMIs are not offered for arm64"
+    if attributes.uefi_data and boot_mode not in ("uefi", "uefi-preferred"):
+        return f"{flavour.name}: uefi_data needs boot_mode = 'uefi' or 'uefi-preferred'"
+    if flavour.storage == "instance-store":
+        if context.arch == "arm64":
+            return f"{flavour.name}: instance-store AMIs are not offered for arm64"
+        if context.bundle_missing:
+            return (
+                f"{flavour.name}: instance-store rows need [aws.bundle] "
+                f"{', '.join(context.bundle_missing)}"
+            )
+    if flavour.volume_type in ("io1", "io2") and not attributes.iops:
+        return f"{flavour.name}: {flavour.volume_type} needs iops"
     return None
 
 
 def choose_flavours(
-    configured: list[str] | None, volume_types: list[str], context: MatrixContext
+    configured: list[str] | None,
+    volume_types: list[str],
+    context: MatrixContext,
+    attributes: Callable[[Flavour], AmiAttributes],
 ) -> list[Flavour]:
     """The rows to publish: the configured ones (each must be able to exist), or the defaults.
 
@@ -138,7 +222,7 @@ def choose_flavours(
                 flavour = parse_flavour(name)
             except ValueError as exc:
                 raise ConfigError(f"[aws] flavours: {exc}") from exc
-            reason = refusal(flavour, context)
+            reason = refusal(flavour, context, attributes(flavour))
             if reason:
                 raise ConfigError(f"[aws] flavours: {reason}")
             if flavour not in rows:
@@ -148,7 +232,7 @@ def choose_flavours(
         return rows
     rows = [Flavour(virtualization="hvm", storage="ebs", volume_type=v) for v in volume_types]
     pv = [Flavour(virtualization="paravirtual", storage="ebs", volume_type=v) for v in volume_types]
-    rows.extend(f for f in pv if refusal(f, context) is None)
+    rows.extend(f for f in pv if refusal(f, context, attributes(f)) is None)
     return rows
 
 
@@ -158,40 +242,60 @@ def register_image_params(
     name: str,
     description: str,
     arch: str,
-    snapshot_id: str,
     volume_size_gib: int,
     kernel_id: str | None,
     tags: dict[str, str],
-    boot_mode: str | None = None,
+    attributes: AmiAttributes,
+    snapshot_id: str | None = None,
+    image_location: str | None = None,
 ) -> dict[str, Any]:
-    """The RegisterImage parameters for an EBS flavour (instance-store rows use ImageLocation)."""
-    ebs: dict[str, Any] = {
-        "SnapshotId": snapshot_id,
-        "VolumeSize": volume_size_gib,
-        "VolumeType": flavour.volume_type,
-        "DeleteOnTermination": True,
-    }
-    if flavour.iops:
-        ebs["Iops"] = flavour.iops
-    if flavour.throughput:
-        ebs["Throughput"] = flavour.throughput
+    """The RegisterImage parameters of one row: EBS rows from ``snapshot_id``, instance-store rows
+    from the bundle manifest at ``image_location``."""
+    root = attributes.root_device_name
     params: dict[str, Any] = {
         "Name": name,
         "Description": description,
         "Architecture": arch,
-        "RootDeviceName": ROOT_DEVICE,
-        "BlockDeviceMappings": [{"DeviceName": ROOT_DEVICE, "Ebs": ebs}],
+        "RootDeviceName": root,
         "VirtualizationType": flavour.virtualization,
-        "TagSpecifications": [{"ResourceType": "image", "Tags": _tags(tags)}],
+        "TagSpecifications": [
+            {"ResourceType": "image", "Tags": _tags({**attributes.tags, **tags})}
+        ],
     }
+    if flavour.is_ebs:
+        if snapshot_id is None:
+            raise ValueError(f"{flavour.name}: an EBS row needs a snapshot")
+        ebs: dict[str, Any] = {
+            "SnapshotId": snapshot_id,
+            "VolumeSize": max(volume_size_gib, attributes.root_volume_size or 0),
+            "VolumeType": flavour.volume_type,
+            "DeleteOnTermination": attributes.delete_on_termination,
+        }
+        if attributes.iops:
+            ebs["Iops"] = attributes.iops
+        if attributes.throughput:
+            ebs["Throughput"] = attributes.throughput
+        params["BlockDeviceMappings"] = [{"DeviceName": root, "Ebs": ebs}]
+    else:
+        if image_location is None:
+            raise ValueError(f"{flavour.name}: an instance-store row needs a bundle manifest")
+        params["ImageLocation"] = image_location
+        params["BlockDeviceMappings"] = [{"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"}]
     if flavour.virtualization == "hvm":
-        params["EnaSupport"] = True
-        params["SriovNetSupport"] = "simple"
-        mode = boot_mode or ("uefi" if arch == "arm64" else None)
-        if mode:
-            params["BootMode"] = mode
+        if attributes.ena_support:
+            params["EnaSupport"] = True
+        if attributes.sriov_net_support:
+            params["SriovNetSupport"] = "simple"
+        if attributes.boot_mode:
+            params["BootMode"] = attributes.boot_mode
+        if attributes.uefi_data:
+            params["UefiData"] = attributes.uefi_data
+        if attributes.tpm_support:
+            params["TpmSupport"] = attributes.tpm_support
     elif kernel_id:
         params["KernelId"] = kernel_id
+    if attributes.imds_support:
+        params["ImdsSupport"] = attributes.imds_support
     return params
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedimg.services.ec2.errors import AWSError, aws_call
-from fedimg.services.ec2.flavours import Flavour, register_image_params
+from fedimg.services.ec2.flavours import AmiAttributes, Flavour, register_image_params
 from fedimg.services.ec2.resources import TAG_FLAVOUR, TAG_ROLE, TAG_SHA256
 
 if TYPE_CHECKING:
@@ -26,10 +26,11 @@ MAX_NAME_INDEX = 100
 
 @dataclass(frozen=True)
 class RegisterRequest:
-    """Register ``flavours`` in ``region`` from ``snapshot_id`` (EBS rows)."""
+    """Register ``flavours`` in ``region``: EBS rows from ``snapshots[storage]`` (``ebs`` or
+    ``ebs-encrypted``), instance-store rows from the bundle manifest at ``image_location``."""
 
     region: str
-    snapshot_id: str
+    snapshots: dict[str, str]
     flavours: tuple[Flavour, ...]
     image_name: str
     image_sha256: str
@@ -38,12 +39,17 @@ class RegisterRequest:
     kernel_id: str | None
     description: str
     tags: dict[str, str]
-    boot_mode: str | None = None
+    attributes: Callable[[Flavour], AmiAttributes]
+    image_location: str | None = None
 
 
 @dataclass(frozen=True)
 class RegisteredAmi:
-    """An AMI that exists in ``region`` for ``flavour``; ``reused`` if it existed before."""
+    """An AMI that exists in ``region`` for ``flavour``; ``reused`` if it existed before.
+
+    ``snapshot_id`` is the root snapshot of EBS rows ("" for instance-store rows, whose image
+    lives at ``image_location``).
+    """
 
     region: str
     ami_id: str
@@ -51,6 +57,7 @@ class RegisteredAmi:
     flavour: Flavour
     snapshot_id: str
     reused: bool = False
+    image_location: str | None = None
 
 
 def find_registered(
@@ -129,7 +136,9 @@ def register_flavours(
     """
     registered: list[RegisteredAmi] = []
     for flavour in request.flavours:
-        if not flavour.is_ebs:
+        if flavour.is_ebs and flavour.storage not in request.snapshots:
+            continue
+        if not flavour.is_ebs and request.image_location is None:
             continue
         found = find_registered(
             ec2, region=request.region, image_sha256=request.image_sha256, flavour=flavour
@@ -140,8 +149,9 @@ def register_flavours(
                 ami_id=found[0],
                 name=found[1],
                 flavour=flavour,
-                snapshot_id=found[2] or request.snapshot_id,
+                snapshot_id=found[2] or request.snapshots.get(flavour.storage, ""),
                 reused=True,
+                image_location=None if flavour.is_ebs else request.image_location,
             )
             log.info("reusing %s (%s) in %s", ami.ami_id, ami.name, request.region)
         else:
@@ -160,18 +170,20 @@ def _register_one(ec2: EC2Client, request: RegisterRequest, flavour: Flavour) ->
         TAG_FLAVOUR: flavour.name,
         TAG_ROLE: "ami",
     }
+    snapshot_id = request.snapshots.get(flavour.storage) if flavour.is_ebs else None
     params: dict[str, Any] = register_image_params(
         flavour=flavour,
         name=name,
         description=request.description,
         arch=request.arch,
-        snapshot_id=request.snapshot_id,
         volume_size_gib=request.volume_size_gib,
         kernel_id=request.kernel_id,
         tags=tags,
-        boot_mode=request.boot_mode,
+        attributes=request.attributes(flavour),
+        snapshot_id=snapshot_id,
+        image_location=None if flavour.is_ebs else request.image_location,
     )
-    with aws_call("RegisterImage", request.region, request.snapshot_id, name):
+    with aws_call("RegisterImage", request.region, snapshot_id or "", name):
         ami_id = ec2.register_image(**params)["ImageId"]
     log.info("registered %s (%s) in %s", ami_id, name, request.region)
     return RegisteredAmi(
@@ -179,7 +191,8 @@ def _register_one(ec2: EC2Client, request: RegisterRequest, flavour: Flavour) ->
         ami_id=ami_id,
         name=name,
         flavour=flavour,
-        snapshot_id=request.snapshot_id,
+        snapshot_id=snapshot_id or "",
+        image_location=None if flavour.is_ebs else request.image_location,
     )
 
 

@@ -43,15 +43,22 @@ class CopyRequest:
     kms_key_id: str | None = None
     wait_seconds: float = 3600.0
 
+    @property
+    def role(self) -> str:
+        """The ``fedimg:role`` tag of the copy (plain and encrypted copies are told apart)."""
+        return "encrypted-copy" if self.encrypted else "copy"
 
-def find_copy(ec2: EC2Client, *, region: str, source_snapshot_id: str) -> str | None:
-    """The id of an existing copy of ``source_snapshot_id`` in ``region``, or None."""
+
+def find_copy(
+    ec2: EC2Client, *, region: str, source_snapshot_id: str, role: str = "copy"
+) -> str | None:
+    """The id of an existing copy (of ``role``) of ``source_snapshot_id`` in ``region``, or None."""
     with aws_call("DescribeSnapshots", region, source_snapshot_id):
         snapshots = ec2.describe_snapshots(
             OwnerIds=["self"],
             Filters=[
                 {"Name": f"tag:{TAG_SOURCE_SNAPSHOT}", "Values": [source_snapshot_id]},
-                {"Name": f"tag:{TAG_ROLE}", "Values": ["copy"]},
+                {"Name": f"tag:{TAG_ROLE}", "Values": [role]},
             ],
         )["Snapshots"]
     live = [s for s in snapshots if s.get("State") != "error"]
@@ -69,7 +76,9 @@ def copy_snapshot(
 
     Returns (snapshot id, copied now). ``on_created`` is called with a new copy's id at once.
     """
-    existing = find_copy(ec2, region=request.region, source_snapshot_id=request.snapshot_id)
+    existing = find_copy(
+        ec2, region=request.region, source_snapshot_id=request.snapshot_id, role=request.role
+    )
     if existing is not None:
         log.info("reusing snapshot copy %s in %s", existing, request.region)
         snapshot_id, copied = existing, False
@@ -77,7 +86,7 @@ def copy_snapshot(
         tags = {
             **request.tags,
             TAG_SHA256: request.image_sha256,
-            TAG_ROLE: "copy",
+            TAG_ROLE: request.role,
             TAG_SOURCE_SNAPSHOT: request.snapshot_id,
         }
         params: dict[str, object] = {
@@ -107,10 +116,13 @@ def copy_snapshot(
     return snapshot_id, copied
 
 
-def make_public(ec2: EC2Client, *, region: str, ami_id: str, snapshot_id: str) -> None:
-    """Launch permission for everyone on the AMI, create-volume permission on its snapshot."""
+def make_public(ec2: EC2Client, *, region: str, ami_id: str, snapshot_id: str | None) -> None:
+    """Launch permission for everyone on the AMI, create-volume permission on its snapshot
+    (instance-store AMIs have none)."""
     with aws_call("ModifyImageAttribute", region, ami_id):
         ec2.modify_image_attribute(ImageId=ami_id, LaunchPermission={"Add": [{"Group": "all"}]})
+    if snapshot_id is None:
+        return
     with aws_call("ModifySnapshotAttribute", region, snapshot_id):
         ec2.modify_snapshot_attribute(
             SnapshotId=snapshot_id,
