@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedimg import __version__
+from fedimg.cli_jobs import add_commands, stop_on_signals
 from fedimg.config import Config, fallback_config, load_config, load_config_file
 from fedimg.errors import (
     EXIT_BAD_INPUT,
@@ -76,6 +77,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _announce_rejection(args, fallback_config(args.config), exc)
         raise
+    if args.method:
+        aws = config.aws.model_copy(update={"upload_method": args.method})
+        config = config.model_copy(update={"aws": aws})
     try:
         source = resolve_source(args.source, arch=args.arch)
         expected = _expected_sha256(args, source.location)
@@ -86,17 +90,18 @@ def cmd_upload(args: argparse.Namespace) -> int:
     flavours = _split(args.flavours)
     with _runtime(config) as runtime:
         service = runtime.service(progress=_progress(args.progress))
-        result = service.publish(
-            PublishRequest(
-                source=source,
-                compose_id=args.compose_id,
-                release=args.release,
-                regions=regions,
-                flavours=flavours,
-                expected_sha256=expected,
-                workers=args.workers,
+        with stop_on_signals(service.stop):
+            result = service.publish(
+                PublishRequest(
+                    source=source,
+                    compose_id=args.compose_id,
+                    release=args.release,
+                    regions=regions,
+                    flavours=flavours,
+                    expected_sha256=expected,
+                    workers=args.workers,
+                )
             )
-        )
     if args.json:
         _print_json(result.to_json())
     else:
@@ -270,29 +275,29 @@ def cmd_verify_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_amis(args: argparse.Namespace) -> int:
-    """List AMIs from the catalog, newest first."""
+    """List AMIs from the catalog, newest first; with --latest, the newest released AMI per arch,
+    region and flavour (the same answer as the web API's /api/v1/amis/latest)."""
+    import datetime as dt
+
     from fedimg.catalog import AmiFilter, Catalog
 
     config = _load(args)
     catalog = Catalog(config.catalog_url())
+    filters = AmiFilter(
+        image_name=args.image,
+        region=args.region,
+        arch=_aws_arch(args.arch),
+        release=args.release,
+        flavour=args.flavour,
+    )
     try:
-        rows = catalog.amis(
-            AmiFilter(
-                image_name=args.image,
-                region=args.region,
-                arch=_aws_arch(args.arch),
-                release=args.release,
-                flavour=args.flavour,
-            )
-        )
+        if args.latest:
+            # Only published jobs' AMIs, neither deleted nor kept after a failed test.
+            rows = catalog.latest_amis(filters)
+        else:
+            rows = [r for r in catalog.amis(filters) if r.state != "deleted"]
     finally:
         catalog.close()
-    rows = [r for r in rows if r.state != "deleted"]
-    if args.latest:
-        latest: dict[tuple[str, str], Any] = {}
-        for row in rows:
-            latest.setdefault((row.region, row.flavour), row)
-        rows = list(latest.values())
     data = [
         {
             "region": r.region,
@@ -310,7 +315,8 @@ def cmd_amis(args: argparse.Namespace) -> int:
             "snapshot_id": r.snapshot_id,
             "state": r.state,
             "job": r.job_id,
-            "created_at": r.created_at.isoformat(),
+            # SQLite hands back naive datetimes; they were written as UTC.
+            "created_at": r.created_at.replace(tzinfo=r.created_at.tzinfo or dt.UTC).isoformat(),
         }
         for r in rows
     ]
@@ -326,10 +332,12 @@ def _aws_arch(arch: str | None) -> str | None:
 
 
 def cmd_messages(args: argparse.Namespace) -> int:
-    """List journal messages, newest first (or the outbox with --pending)."""
+    """List journal messages, newest first (or the outbox with --pending; deliver it with --flush)."""
     from fedimg.catalog import Catalog
 
     config = _load(args)
+    if args.flush:
+        return _flush_outbox(config, as_json=args.json)
     catalog = Catalog(config.catalog_url())
     try:
         if args.pending:
@@ -442,6 +450,111 @@ def cmd_embedded_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the dashboard, the JSON API and the datagrepper-compatible /raw (read-only)."""
+    from fedimg.web.server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port}: not a port number")
+    config = _load(args)
+    serve(config, host=args.host, port=args.port, root_path=args.root_path.rstrip("/"))
+    return EXIT_OK
+
+
+def _flush_outbox(config: Config, *, as_json: bool) -> int:
+    from fedimg.runtime import Runtime
+
+    with Runtime(config=config) as runtime:
+        messenger = runtime.messenger
+        if not messenger.publishers:
+            print("fedimg: no publisher besides the journal is configured", file=sys.stderr)
+        result = messenger.flush_outbox()
+    data = {
+        "delivered": result.delivered,
+        "pending": result.pending,
+        "undeliverable": result.undeliverable,
+    }
+    if as_json:
+        _print_json(data)
+    else:
+        print(f"delivered {result.delivered}, waiting {result.pending}")
+    return EXIT_OK if result.pending == 0 else EXIT_FAILED
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    """Upload the images of every compose Pungi announces as finished (the AMQP trigger)."""
+    import threading
+
+    from fedimg.consumer import run_consumer
+
+    config = _load(args)
+    stop = threading.Event()
+    with _runtime(config) as runtime, stop_on_signals(stop):
+        consumer = run_consumer(runtime, max_messages=1 if args.once else None, stop=stop)
+    failed = [
+        outcome
+        for handled in consumer.history
+        for outcome in handled.outcomes
+        if outcome.status not in ("published", "partial")
+    ]
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    """Publish one image (-u URL -c COMPOSE_ID) or a compose's images (--compose), like fedimg's
+    trigger_upload/partial_upload scripts."""
+    import threading
+
+    from fedimg.compose import load_compose
+    from fedimg.trigger import ImageJob, plan_images, publish_images, restrict_volume_type
+
+    config = _load(args)
+    if args.volume:
+        config = restrict_volume_type(config, args.volume)
+    if not args.push_notifications:
+        # fedimg's scripts sent to the bus only with -p; the journal records the messages anyway.
+        journal_only = config.messaging.model_copy(update={"publishers": ["journal"]})
+        config = config.model_copy(update={"messaging": journal_only})
+    if args.compose:
+        compose = load_compose(args.compose, config.compose, compose_id=args.compose_id)
+        if not compose.images:
+            raise InputError(f"{args.compose}: no image matches the [compose] selection")
+        jobs = [
+            ImageJob.from_compose(image, compose_id=compose.compose_id, release=compose.release)
+            for image in compose.images
+        ]
+    elif args.url and args.compose_id:
+        jobs = [ImageJob(url=args.url, compose_id=args.compose_id)]
+    else:
+        raise InputError("give -u URL and -c COMPOSE_ID, or --compose URL_OR_PATH")
+    stop = threading.Event()
+    with _runtime(config) as runtime:
+        if args.dry_run:
+            plans = plan_images(runtime, jobs)
+        else:
+            with stop_on_signals(stop):
+                outcomes = publish_images(runtime, jobs, stop=stop)
+    if args.dry_run:
+        if args.json:
+            _print_json(plans)
+        for plan in [] if args.json else plans:
+            if "error" in plan:
+                print(f"{plan['url']}: {plan['error']}")
+                continue
+            print(
+                f"{plan['image']} ({plan['arch']}, compose {plan['compose_id']}): "
+                f"{', '.join(plan['flavours'])} in {len(plan['regions'])} regions "
+                f"({', '.join(plan['regions'])})"
+            )
+        return EXIT_BAD_INPUT if any("error" in plan for plan in plans) else EXIT_OK
+    if args.json:
+        _print_json([outcome.to_json() for outcome in outcomes])
+    else:
+        for outcome in outcomes:
+            print(f"{outcome.status:9} {outcome.job_id or '-'} {outcome.url} {outcome.error or ''}")
+    return next((o.exit_code for o in outcomes if o.exit_code), EXIT_OK)
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -484,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--checksum-file", help="pungi CHECKSUM file to verify against")
     upload.add_argument("--arch", help="architecture (default: from the file name)")
     upload.add_argument("--workers", type=int, help="PutSnapshotBlock workers")
+    upload.add_argument(
+        "--method",
+        choices=["direct", "utility"],
+        help="how the image becomes a snapshot: EBS direct APIs, or a utility instance that "
+        "writes it onto a volume (default: [aws] upload_method)",
+    )
     upload.add_argument("--json", action="store_true", help="print one JSON object")
     progress_option(upload)
 
@@ -515,13 +634,53 @@ def build_parser() -> argparse.ArgumentParser:
     messages = add("messages", cmd_messages, "list journal messages, newest first")
     messages.add_argument("--topic", action="append", help="topic (repeatable)")
     messages.add_argument("--pending", action="store_true", help="only messages not delivered")
+    messages.add_argument(
+        "--flush", action="store_true", help="deliver the outbox now, in order (1: some wait)"
+    )
     messages.add_argument("--limit", type=int, default=100)
     messages.add_argument("--json", action="store_true")
+
+    consume = add("consume", cmd_consume, "upload every compose Pungi announces as finished")
+    consume.add_argument("--once", action="store_true", help="handle one message, then exit")
+
+    # `trigger` keeps the short options of fedimg's trigger scripts (-c compose id, -v volume).
+    common_long = argparse.ArgumentParser(add_help=False)
+    common_long.add_argument("--config", help="configuration file (TOML or legacy INI)")
+    common_long.add_argument("--verbose", action="count", default=0, help="more logging")
+    common_long.add_argument("--quiet", "-q", action="store_true", help="errors only")
+    trigger_help = "publish one image by URL, or every selected image of a compose"
+    trigger = sub.add_parser(
+        "trigger", parents=[common_long], help=trigger_help, description=trigger_help
+    )
+    trigger.set_defaults(handler=cmd_trigger)
+    trigger.add_argument("-u", "--url", help="URL (or path) of one .raw.xz image")
+    trigger.add_argument("-c", "--compose-id", help="compose id of the image")
+    trigger.add_argument(
+        "--compose", metavar="URL_OR_PATH", help="a compose (its compose/ dir or images.json)"
+    )
+    trigger.add_argument(
+        "-p",
+        "--push-notifications",
+        action="store_true",
+        help="send the messages to the configured publishers (without: journal only)",
+    )
+    trigger.add_argument(
+        "-v",
+        "--volume",
+        "--volume-type",
+        dest="volume",
+        metavar="VOLUME_TYPE",
+        help="partial upload: only the flavours with this volume type",
+    )
+    trigger.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    trigger.add_argument("--json", action="store_true", help="print JSON")
 
     jobs = add("jobs", cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--status")
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--json", action="store_true")
+
+    add_commands(add)
 
     sample = add("sample-image", cmd_sample_image, "write a realistic sample disk image")
     sample.add_argument("path", help="output path (.raw.xz compresses, .raw does not)")
@@ -544,6 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5000)
     serve.set_defaults(handler=cmd_embedded_serve)
+
+    web = add("serve", cmd_serve, "serve the dashboard, JSON API and /raw (read-only)")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    web.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    web.add_argument(
+        "--root-path", default="", help="URL prefix when served behind a proxy, e.g. /fedimg"
+    )
     return parser
 
 
@@ -556,7 +722,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries' chatter stays out unless asked for.
-    for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto"):
+    for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto", "twisted", "pika"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 

@@ -19,6 +19,7 @@ message names the file, the key and, for the AMI list, the line.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
 import tomllib
@@ -26,7 +27,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedimg.errors import ConfigError
 
@@ -106,6 +115,53 @@ class GeneralSettings(_Model):
         return value
 
 
+class AmiAttributeSettings(_Model):
+    """AMI attributes; in ``[aws.attributes]`` for all rows, or per row in ``[aws.flavour_attributes.NAME]``.
+
+    Unset fields take the defaults (or, per row, the global value).
+    """
+
+    boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = Field(
+        default=None, description="Boot mode; default: uefi on arm64, AWS's default on x86_64"
+    )
+    uefi_data: str | None = Field(default=None, description="Base64 UEFI variable store")
+    tpm_support: Literal["v2.0"] | None = Field(default=None, description="NitroTPM (needs uefi)")
+    imds_support: Literal["v2.0"] | None = Field(
+        default=None, description="v2.0: instances require IMDSv2"
+    )
+    ena_support: bool | None = Field(default=None, description="ENA (HVM; default true)")
+    sriov_net_support: bool | None = Field(
+        default=None, description="Intel SR-IOV 'simple' (HVM; default true)"
+    )
+    root_device_name: str | None = Field(default=None, description="Default /dev/sda1")
+    root_volume_size: int | None = Field(
+        default=None, ge=1, description="Root volume GiB; default: the image size"
+    )
+    delete_on_termination: bool | None = Field(default=None, description="Default true")
+    iops: int | None = Field(default=None, ge=100, description="gp3/io1/io2 IOPS")
+    throughput: int | None = Field(default=None, ge=125, description="gp3 MiB/s")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Extra tags on AMIs and their snapshots"
+    )
+
+
+class BundleSettings(_Model):
+    """``[aws.bundle]``: what instance-store rows need (the ec2-bundle-image inputs)."""
+
+    ec2_cert: Path | None = Field(default=None, description="EC2's public X.509 certificate")
+    user_cert: Path | None = Field(default=None, description="Your X.509 certificate")
+    user_key: Path | None = Field(default=None, description="Your RSA private key (a secret)")
+    account_id: str | None = Field(
+        default=None, pattern=r"^\d{12}$", description="Your 12-digit AWS account id"
+    )
+    bucket: str | None = Field(
+        default=None,
+        description="S3 bucket per region; '{region}' is replaced, e.g. 'fedimg-bundles-{region}'",
+    )
+    create_bucket: bool = Field(default=False, description="Create missing buckets")
+    prefix: str = Field(default="fedimg", description="Key prefix of bundle parts")
+
+
 class AwsSettings(_Model):
     """``[aws]``: the target, the regions, the AMI matrix, the instances and the test."""
 
@@ -167,12 +223,83 @@ class AwsSettings(_Model):
     test: str | None = Field(
         default=None, description="Test script; exit 0 = the AMI passed. None: no test step"
     )
-    test_runner: Literal["command", "ssh", "qemu"] = Field(
-        default="command", description="Where the test script runs"
+    test_runner: Literal["command", "ssh", "qemu"] | None = Field(
+        default=None,
+        description="Where the test script runs; default: 'ssh' (a test instance) on real AWS, "
+        "'command' (this machine) on other targets",
     )
     test_timeout: float = Field(default=600.0, gt=0, description="Seconds the test may run")
+    ssh_cidr: str | None = Field(
+        default=None,
+        description="Addresses the temporary security group lets reach port 22; default: this "
+        "machine's address/32 (its public address on real AWS, the jump host's with "
+        "ssh_proxy_jump)",
+    )
+    ssh_port: int = Field(default=22, ge=1, le=65535, description="SSH port of the instances")
+    host_key_policy: Literal["console", "accept-new"] = Field(
+        default="console",
+        description="console: trust only the host keys cloud-init prints on the instance console; "
+        "accept-new: trust the first key offered (the instances are new)",
+    )
+    ssh_proxy_jump: str | None = Field(
+        default=None,
+        description="Jump host '[user@]host[:port]' to reach instances through (their private "
+        "address is dialled); its host key must be in ~/.ssh/known_hosts unless "
+        "host_key_policy = 'accept-new'",
+    )
+    ssh_connect_timeout: float = Field(
+        default=15.0, gt=0, description="Seconds one SSH connection attempt may take"
+    )
+    ssh_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a running instance has to answer SSH"
+    )
+    console_timeout: float = Field(
+        default=900.0,
+        gt=0,
+        description="Seconds to wait for the host keys on the console (host_key_policy = console)",
+    )
+    instance_running_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds an instance has to reach 'running'"
+    )
+    instance_stop_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds an instance has to stop, or to terminate"
+    )
+    volume_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds a volume has to become available or attached"
+    )
+    snapshot_timeout: float = Field(
+        default=3600.0, gt=0, description="Seconds the utility volume's snapshot may take"
+    )
+    util_timeout: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds the utility instance may take to download and write the image",
+    )
     make_public: bool = Field(
         default=True, description="Make AMIs and snapshots public after the test passed"
+    )
+    preflight: bool = Field(
+        default=True, description="Check every region before a job creates anything"
+    )
+    attributes: AmiAttributeSettings = Field(
+        default_factory=AmiAttributeSettings,
+        description="AMI attributes for every flavour ([aws.attributes])",
+    )
+    flavour_attributes: dict[str, AmiAttributeSettings] = Field(
+        default_factory=dict,
+        description="Per-flavour overrides of [aws.attributes], e.g. [aws.flavour_attributes.hvm-ebs-gp3]",
+    )
+    kms_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="KMS key per region for encrypted rows; default: the account's EBS key",
+    )
+    share_accounts: list[str] = Field(
+        default_factory=list,
+        description="Accounts encrypted AMIs are shared with (they can never be public)",
+    )
+    bundle: BundleSettings = Field(
+        default_factory=BundleSettings,
+        description="Instance-store bundles: certificates, key, account, buckets ([aws.bundle])",
     )
     name_prefix: str | None = Field(
         default=None, description="Prefix of AMI names; default: the image name"
@@ -208,6 +335,26 @@ class AwsSettings(_Model):
             raise ValueError(f"unknown volume types {unknown}")
         return value
 
+    @field_validator("ssh_cidr")
+    @classmethod
+    def _cidr_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            network = ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an address or CIDR block") from exc
+        if network.version != 4:
+            raise ValueError(f"{value!r}: only IPv4 blocks are supported")
+        return str(network)
+
+    @field_validator("ssh_proxy_jump")
+    @classmethod
+    def _jump_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(?:[^@\s:]+@)?[^@\s:]+(?::\d{1,5})?", value):
+            raise ValueError(f"{value!r} is not '[user@]host[:port]'")
+        return value
+
 
 PublisherName = Literal["journal", "amqp", "stdout"]
 
@@ -225,7 +372,97 @@ class MessagingSettings(_Model):
     topic_prefix: str = Field(
         default="org.fedoraproject.dev", description="Prefix of every topic sent"
     )
-    amqp_url: SecretStr | None = Field(default=None, description="AMQP broker URL")
+    amqp_url: SecretStr | None = Field(
+        default=None,
+        description="AMQP broker URL (amqp:// or amqps://; a secret, never logged); "
+        "default: the local broker as guest",
+    )
+    exchange: str = Field(
+        default="amq.topic",
+        description="Exchange messages are published to, and the one `fedimg consume` binds to",
+    )
+    tls_ca_cert: Path | None = Field(
+        default=None, description="CA bundle for the broker's certificate (amqps://)"
+    )
+    tls_certfile: Path | None = Field(
+        default=None, description="Client certificate for x509 authentication (amqps://)"
+    )
+    tls_keyfile: Path | None = Field(default=None, description="Private key of tls_certfile")
+    publish_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to wait for the broker's confirm before a message is left in the "
+        "outbox (the upload goes on)",
+    )
+    flush_interval: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between retries of the outbox while messages wait for the broker",
+    )
+    reconnect_max_delay: int = Field(
+        default=30, ge=1, description="Longest pause, in seconds, between reconnects to the broker"
+    )
+    successor_summary: bool = Field(
+        default=True,
+        description="Also send the successor's per-image summary "
+        "(fedora_image_uploader.published.v1.aws.<subvariant>.<release>.<arch>)",
+    )
+    consume_topics: list[str] = Field(
+        default_factory=lambda: ["org.fedoraproject.*.pungi.compose.status.change"],
+        min_length=1,
+        description="Topics `fedimg consume` binds its queue to (AMQP patterns)",
+    )
+    queue: str = Field(default="fedimg", min_length=1, description="Queue `fedimg consume` reads")
+    queue_durable: bool = Field(
+        default=True,
+        description="Keep the queue and its messages while no consumer runs and across broker "
+        "restarts (false: the queue goes with the consumer)",
+    )
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> MessagingSettings:
+        if (self.tls_keyfile is None) != (self.tls_certfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
+        return self
+
+
+ComposeStatusName = Literal["FINISHED", "FINISHED_INCOMPLETE", "STARTED", "DOOMED", "TERMINATED"]
+
+
+def _finished_statuses() -> list[ComposeStatusName]:
+    return ["FINISHED", "FINISHED_INCOMPLETE"]
+
+
+class ComposeSettings(_Model):
+    """``[compose]``: which images of a Pungi compose are published (consumer and trigger)."""
+
+    statuses: list[ComposeStatusName] = Field(
+        default_factory=_finished_statuses,
+        description="Compose statuses that start uploads (pungi.compose.status.change)",
+    )
+    image_types: list[str] = Field(
+        default_factory=lambda: ["raw-xz"], min_length=1, description="images.json `type`s"
+    )
+    subvariants: list[str] = Field(
+        default_factory=lambda: ["Cloud_Base", "AtomicHost"],
+        min_length=1,
+        description="images.json `subvariant`s",
+    )
+    arches: list[str] = Field(
+        default_factory=lambda: ["x86_64", "aarch64"],
+        min_length=1,
+        description="Compose architectures (x86_64, aarch64)",
+    )
+    variants: list[str] | None = Field(
+        default=None,
+        description="Compose variants to look in (CloudImages, Cloud, AtomicHost); default: all",
+    )
+    metadata_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds to wait for the compose's images.json"
+    )
+    metadata_attempts: int = Field(
+        default=3, ge=1, le=10, description="Tries to fetch images.json (a 404 is not retried)"
+    )
 
 
 class Config(_Model):
@@ -234,6 +471,7 @@ class Config(_Model):
     general: GeneralSettings = Field(default_factory=GeneralSettings)
     aws: AwsSettings = Field(default_factory=AwsSettings)
     messaging: MessagingSettings = Field(default_factory=MessagingSettings)
+    compose: ComposeSettings = Field(default_factory=ComposeSettings)
     source: Annotated[Path | None, Field(exclude=True)] = None
 
     def catalog_url(self) -> str:

@@ -16,6 +16,10 @@ moto). Each fidelity fix says which AWS behaviour it restores:
   (pointing at the given snapshot, not a made-up one), architecture, virtualization, kernel, root
   device, boot mode, ENA/SR-IOV/TPM/IMDS attributes, image location and tags; and, like AWS, it
   refuses a name already in use (``InvalidAMIName.Duplicate``) and an unknown snapshot.
+- EC2 ``RunInstances`` and ``CreateVolume`` honour ``ClientToken`` (a retried call returns the
+  instance or volume the first one made, instead of making another that nobody tracks).
+- EC2 ``DeleteKeyPair`` honours ``KeyPairId`` (moto only looked at ``KeyName`` and silently kept
+  the key pair).
 """
 
 from __future__ import annotations
@@ -181,6 +185,9 @@ def apply_fidelity_fixes() -> None:
             return ActionResult(result)
 
         _fix_register_image()
+        _add_image_block_public_access()
+        _fix_client_tokens()
+        _fix_delete_key_pair()
         setattr(EBSResponse, "start_snapshot", start_snapshot)  # noqa: B010
         setattr(EBSResponse, "complete_snapshot", complete_snapshot)  # noqa: B010
         setattr(EBSResponse, "list_snapshot_blocks", list_snapshot_blocks)  # noqa: B010
@@ -265,3 +272,89 @@ def _fix_register_image() -> None:
 
     setattr(Ami, "block_device_mappings", property(block_device_mappings))  # noqa: B010
     setattr(AmisResponse, "register_image", register_image)  # noqa: B010
+
+
+def _fix_client_tokens() -> None:
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.elastic_block_store import ElasticBlockStore
+    from moto.ec2.responses.instances import InstanceResponse
+
+    original_run: Any = InstanceResponse.run_instances
+    original_create: Any = ElasticBlockStore.create_volume
+
+    def tokens(backend: Any, kind: str) -> dict[str, Any]:
+        table: dict[str, Any] = backend.__dict__.setdefault(f"_fedimg_{kind}_tokens", {})
+        return table
+
+    def run_instances(self: Any) -> Any:
+        token = self._get_param("ClientToken")
+        table = tokens(self.ec2_backend, "instance")
+        if token and token in table:
+            return ActionResult(table[token])
+        result = original_run(self)
+        if token:
+            # ActionResult keeps the reservation it renders; a retry renders the same one.
+            table[token] = _action_value(result)
+        return result
+
+    def create_volume(self: Any) -> Any:
+        token = self._get_param("ClientToken")
+        table = tokens(self.ec2_backend, "volume")
+        volume_id = table.get(token) if token else None
+        if volume_id is not None and volume_id in self.ec2_backend.volumes:
+            return ActionResult(self.ec2_backend.volumes[volume_id])
+        result = original_create(self)
+        if token:
+            table[token] = _action_value(result).id
+        return result
+
+    setattr(InstanceResponse, "run_instances", run_instances)  # noqa: B010
+    setattr(ElasticBlockStore, "create_volume", create_volume)  # noqa: B010
+
+
+def _action_value(result: Any) -> Any:
+    """The object an ActionResult renders (moto keeps it as ``result``)."""
+    return getattr(result, "result", result)
+
+
+def _fix_delete_key_pair() -> None:
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.key_pairs import KeyPairs
+
+    def delete_key_pair(self: Any) -> Any:
+        self.error_on_dryrun()
+        backend = self.ec2_backend
+        name = self._get_param("KeyName")
+        pair_id = self._get_param("KeyPairId")
+        if not name and pair_id:
+            name = next((k for k, v in backend.key_pairs.items() if v.id == pair_id), None)
+        pair = backend.delete_key_pair(name) if name else None
+        return ActionResult({"Return": True, "KeyPairId": pair.id if pair else None})
+
+    setattr(KeyPairs, "delete_key_pair", delete_key_pair)  # noqa: B010
+
+
+def _add_image_block_public_access() -> None:
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses import EC2Response
+
+    def state(self: Any) -> dict[str, str]:
+        store: dict[str, str] = self.ec2_backend.__dict__.setdefault(
+            "_fedimg_block_public_access", {"state": "unblocked"}
+        )
+        return store
+
+    def get(self: Any) -> Any:
+        return ActionResult({"ImageBlockPublicAccessState": state(self)["state"]})
+
+    def enable(self: Any) -> Any:
+        state(self)["state"] = self._get_param("ImageBlockPublicAccessState") or "block-new-sharing"
+        return ActionResult({"ImageBlockPublicAccessState": state(self)["state"]})
+
+    def disable(self: Any) -> Any:
+        state(self)["state"] = "unblocked"
+        return ActionResult({"ImageBlockPublicAccessState": "unblocked"})
+
+    setattr(EC2Response, "get_image_block_public_access_state", get)  # noqa: B010
+    setattr(EC2Response, "enable_image_block_public_access", enable)  # noqa: B010
+    setattr(EC2Response, "disable_image_block_public_access", disable)  # noqa: B010

@@ -15,7 +15,12 @@ class EC2ServiceException(FedimgError):
 
 
 class EC2UtilityException(EC2ServiceException):
-    """The utility instance failed to write the image onto its volume."""
+    """The utility instance failed to write the image onto its volume; ``output`` is what the
+    command on it printed."""
+
+    def __init__(self, message: str, *, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
 
 
 class EC2TestException(EC2ServiceException):

@@ -11,12 +11,14 @@ snapshot) before a new one is made, so a re-run never copies twice.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from fedimg.errors import Interrupted
 from fedimg.services.ec2.errors import AWSError, aws_call
 from fedimg.services.ec2.resources import TAG_ROLE, TAG_SHA256, tag_specification
 
@@ -166,15 +168,22 @@ class RegionOutcome(Generic[T]):
 
 
 def fan_out(
-    regions: list[str], work: Callable[[str], T], *, parallelism: int
+    regions: list[str],
+    work: Callable[[str], T],
+    *,
+    parallelism: int,
+    stop: threading.Event | None = None,
 ) -> list[RegionOutcome[T]]:
     """Run ``work(region)`` for every region on a bounded pool; one outcome per region, in order.
 
     Never raises: each region's exception is kept in its outcome (the caller decides which
-    failures fail the job).
+    failures fail the job). Once ``stop`` is set, regions not yet started are not started (their
+    outcome says so).
     """
 
     def guarded(region: str) -> RegionOutcome[T]:
+        if stop is not None and stop.is_set():
+            return RegionOutcome(region=region, value=None, error=Interrupted("not started"))
         try:
             return RegionOutcome(region=region, value=work(region), error=None)
         except Exception as exc:

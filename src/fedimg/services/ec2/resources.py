@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -37,6 +37,9 @@ ResourceKind = Literal[
     "image",
     "s3-object",
 ]
+
+#: Resources that exist only while a job runs; snapshots, AMIs and bundle objects are its products.
+TEMPORARY_KINDS: frozenset[str] = frozenset({"instance", "volume", "key-pair", "security-group"})
 
 TAG_JOB = "fedimg:job"
 TAG_SHA256 = "fedimg:image-sha256"
@@ -67,6 +70,37 @@ def tag_list(tags: dict[str, str]) -> list[TagTypeDef]:
 def tag_specification(resource_type: str, tags: dict[str, str]) -> list[dict[str, Any]]:
     """A ``TagSpecifications`` value tagging the resource at creation."""
     return [{"ResourceType": resource_type, "Tags": tag_list(tags)}]
+
+
+class Tracker(Protocol):
+    """What a stage needs of the ledger: record a resource that now exists, release it when gone.
+
+    :class:`ResourceLedger` is one; stages that run without a job use :class:`LocalTracker`.
+    """
+
+    def record(self, *, region: str, kind: ResourceKind, resource_id: str) -> None:
+        """Track a resource that now exists."""
+
+    def release(self, resource_id: str, *, state: str = "deleted") -> None:
+        """Stop tracking a resource."""
+
+
+class LocalTracker:
+    """An in-memory :class:`Tracker` (no catalog): for stages run outside a job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active: dict[str, tuple[str, ResourceKind]] = {}
+
+    def record(self, *, region: str, kind: ResourceKind, resource_id: str) -> None:
+        """Track a resource that now exists."""
+        with self._lock:
+            self.active[resource_id] = (region, kind)
+
+    def release(self, resource_id: str, *, state: str = "deleted") -> None:
+        """Stop tracking a resource."""
+        with self._lock:
+            self.active.pop(resource_id, None)
 
 
 @dataclass(frozen=True)
@@ -105,19 +139,59 @@ class ResourceLedger:
             self._active = [e for e in self._active if e.resource_id != resource_id]
         self.catalog.release_resource(resource_id=resource_id, state=state)
 
+    def adopt_previous(self) -> list[str]:
+        """Take over the ledger entries an earlier process of this job left active.
+
+        Temporary resources among them (instances, volumes, key pairs, security groups) and
+        snapshots that never completed are deleted; the rest (products) are tracked again.
+        Returns the ids that could not be deleted.
+        """
+        leftovers: list[LedgerEntry] = []
+        for record in reversed(self.catalog.active_resources(self.job_id)):
+            entry = LedgerEntry(
+                region=record.region,
+                kind=record.kind,  # type: ignore[arg-type]  # written from ResourceKind
+                resource_id=record.resource_id,
+            )
+            with self._lock:
+                if entry not in self._active:
+                    self._active.append(entry)
+            if entry.kind in TEMPORARY_KINDS or (
+                entry.kind == "snapshot" and not _snapshot_completed(self.clients, entry)
+            ):
+                leftovers.append(entry)
+        leftovers.sort(key=lambda e: e.kind != "instance")
+        failed: list[str] = []
+        for entry in leftovers:
+            try:
+                delete_resource(self.clients, entry)
+            except (ClientError, BotoCoreError) as exc:
+                if error_code(exc) not in _GONE:
+                    failed.append(entry.resource_id)
+                    continue
+            log.info("removed %s %s left by an earlier run", entry.kind, entry.resource_id)
+            self.release(entry.resource_id)
+        return failed
+
     @property
     def active(self) -> list[LedgerEntry]:
         """Resources still tracked, oldest first."""
         with self._lock:
             return list(self._active)
 
-    def cleanup(self) -> list[str]:
-        """Delete every tracked resource, newest first; returns the ids that could not be deleted.
+    def cleanup(self, kinds: frozenset[str] | None = None) -> list[str]:
+        """Delete every tracked resource (of ``kinds``, or all), newest first; returns the ids
+        that could not be deleted.
 
         Never raises: a failure to delete one resource is logged and the rest are still tried.
         """
         failed: list[str] = []
-        for entry in reversed(self.active):
+        newest_first = [e for e in reversed(self.active) if kinds is None or e.kind in kinds]
+        # Instances go first: their volumes, security groups and key pairs cannot go before them.
+        ordered = [e for e in newest_first if e.kind == "instance"] + [
+            e for e in newest_first if e.kind != "instance"
+        ]
+        for entry in ordered:
             try:
                 delete_resource(self.clients, entry)
             except (ClientError, BotoCoreError) as exc:
@@ -151,6 +225,15 @@ def delete_resource(clients: ClientFactory, entry: LedgerEntry) -> None:
         "s3-object": lambda: _delete_object(clients, entry),
     }
     deleters[entry.kind]()
+
+
+def _snapshot_completed(clients: ClientFactory, entry: LedgerEntry) -> bool:
+    try:
+        found = clients.ec2(entry.region).describe_snapshots(SnapshotIds=[entry.resource_id])
+    except (ClientError, BotoCoreError):
+        return False
+    snapshots = found.get("Snapshots", [])
+    return bool(snapshots) and snapshots[0].get("State") == "completed"
 
 
 def _terminate(clients: ClientFactory, entry: LedgerEntry) -> None:

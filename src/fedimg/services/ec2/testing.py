@@ -2,8 +2,8 @@
 
 A runner takes a registered AMI and the configured test script, runs the script against it and says
 whether it passed (exit status 0). Runners: ``command`` (here: the script runs on this machine
-with the AMI's coordinates in its environment), ``ssh`` (a test instance) and ``qemu`` (the image
-booted locally) come from their own modules.
+with the AMI's coordinates in its environment), ``ssh`` (a test instance, :mod:`testing_ssh`) and
+``qemu`` (the image booted locally) come from their own modules.
 """
 
 from __future__ import annotations
@@ -15,18 +15,25 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from fedimg.errors import ConfigError
 from fedimg.services.ec2.register import RegisteredAmi
+from fedimg.services.ec2.resources import Tracker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TestTarget:
-    """What is tested: the AMI, and where its image came from."""
+    """What is tested: the AMI, and where its image came from.
+
+    ``job_id``, ``tags`` and ``tracker`` are for runners that create AWS resources (a test
+    instance): its name and ClientToken derive from the job, it carries the tags, and it goes
+    into the tracker (the job's ledger) the moment it exists.
+    """
 
     ami: RegisteredAmi
     image_name: str
@@ -34,6 +41,9 @@ class TestTarget:
     image_path: str | None
     arch: str
     endpoint_url: str | None
+    job_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    tracker: Tracker | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,11 @@ class CommandRunner:
             )
         try:
             raw, _ = proc.communicate(timeout=timeout)
+        except KeyboardInterrupt:
+            # Interrupted (SIGINT/SIGTERM): the script must not outlive fedimg.
+            _kill_group(proc)
+            proc.wait()
+            raise
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raw, _ = proc.communicate()

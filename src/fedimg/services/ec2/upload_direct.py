@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fedimg.checkpoints import checkpoint
 from fedimg.errors import InputError
 from fedimg.progress import NullProgress, Progress
 from fedimg.services.ec2.errors import AWSError, aws_call, error_code
@@ -61,6 +62,8 @@ _RETRYABLE_CODES = {
 }
 #: Pending snapshots that nobody completes expire after this many minutes (StartSnapshot Timeout).
 PENDING_TIMEOUT_MINUTES = 60
+#: The crash harness's ``mid-upload`` checkpoint fires after this many blocks were queued.
+CRASH_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,8 @@ def _pump(
                 continue
             written += 1
             work.put(item)
+            if written == CRASH_BLOCK:
+                checkpoint("mid-upload")
     finally:
         for _ in workers:
             work.put(None)
