@@ -15,8 +15,8 @@ and either written sparsely or piped through ``xz -T0``. Neither the disk nor it
 ever held in memory.
 
 The output is a pure function of the arguments and of the files found on this machine: the same
-``size_bytes``, ``fill`` and ``seed`` on the same machine give the same raw bytes (and, with the xz
-binary, the same compressed bytes). Another machine has other files, so another image.
+``size_bytes``, ``fill`` and ``seed`` on the same machine give the same raw bytes. (The compressed
+bytes depend on the xz version too.) Another machine has other files, so another image.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ MAX_SIZE_BYTES = (PARTITION_START_SECTOR + 0xFFFF_FFFF) * SECTOR_SIZE
 MAX_FILL = 0.9
 SOURCE_ROOTS = (Path("/usr/share"), Path("/usr/lib"))
 """Where the files that fill the filesystem are copied from."""
-XZ_PRESET = 1
-"""xz compression level. Measured on a 2-core machine for a 2 GiB image with fill 0.3 (614 MiB of
-files from /usr): see the module's report in the commit that introduced it. Level 1 keeps that
-image well under a minute; levels 2-3 compress about 5 % smaller at roughly twice the time, and
-level 6 (xz's default, used for real Fedora images) takes several minutes."""
+XZ_PRESET = 0
+"""xz compression level. For a 2 GiB image with fill 0.3 (614 MiB of files from /usr) xz needs
+about 80 CPU-seconds at level 0 (194 MB out), 118 at level 1 (185 MB) and roughly twice and four
+times that at levels 2 and 3 (182 and 179 MB); on a 2-core machine only level 0 keeps the whole
+image near the one-minute mark. Real images use xz's default, level 6, which would take minutes."""
 FIXED_EPOCH = 1_704_067_200
 """2024-01-01T00:00:00Z: every timestamp inside the filesystem, so the image is reproducible."""
 
@@ -66,12 +66,27 @@ _MBR_SIGNATURE = b"\x55\xaa"
 _LINUX_PARTITION_TYPE = 0x83
 _EXT4_BLOCK_SIZE = 4096
 _EXT4_INODE_SIZE = 256
-# Only names that need no quoting in a debugfs command file are copied; a handful of files under
-# /usr have spaces or other odd characters in their names and are simply skipped.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._+@,=~-]+\Z")
+_ROOT_INODE = 2
 # Stop looking for files once the remaining data budget is this small: the last few KiB are not
 # worth walking the rest of /usr for.
 _DONE_SLACK = 64 << 10
+# Files that are already compressed (by their magic number: gzip, xz, zstd, bzip2, zip/jar, PNG,
+# JPEG, lz4, 7z) make at most this share of the data. A real OS image has some (compressed kernel
+# modules, the initramfs, man pages), but xz crawls through incompressible data, so too much of it
+# would make the sample both unrealistic and slow to write.
+_COMPRESSED_SHARE = 0.1
+_COMPRESSED_MAGIC = (
+    b"\x1f\x8b",
+    b"\xfd7zXZ\x00",
+    b"\x28\xb5\x2f\xfd",
+    b"BZh",
+    b"PK\x03\x04",
+    b"\x89PNG",
+    b"\xff\xd8\xff",
+    b"\x04\x22\x4d\x18",
+    b"7z\xbc\xaf\x27\x1c",
+)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 # The free-space budget keeps this share of the filesystem's free blocks in reserve for what the
 # per-file estimate does not count (extent index blocks, directory growth).
 _SPACE_MARGIN = 0.03
@@ -94,7 +109,7 @@ class SampleImage:
     data_bytes: int
 
 
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*\Z", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -102,7 +117,8 @@ def parse_size(text: str) -> int:
     """Parse a human size into bytes, with binary units.
 
     Accepts a non-negative decimal number followed by an optional ``K``, ``M``, ``G`` or ``T``
-    (powers of 1024, case-insensitive, optionally written ``KiB``/``KB`` and so on): ``"4096"``,
+    (powers of 1024, case-insensitive, optionally written ``KiB``/``KB`` and so on; a bare ``B``
+    means bytes): ``"4096"``,
     ``"1536K"``, ``"512M"``, ``"2G"``, ``"1.5G"``. A fractional result is rounded down to a whole
     byte. Raises :class:`ValueError` naming the text for anything else.
     """
@@ -113,7 +129,7 @@ def parse_size(text: str) -> int:
             "(binary units), e.g. 2G, 512M or 1.5G"
         )
     number: str = match.group(1)
-    unit: str = match.group(2)
+    unit: str = match.group(2) or ""
     whole, _, fraction = number.partition(".")
     # Integer arithmetic, so "1.5G" is exact and huge values do not lose precision in a float.
     scale = _UNITS[unit.upper()]
@@ -135,9 +151,10 @@ def write_sample_image(
     16 MiB and at most the MBR limit (just over 2 TiB). ``fill`` (0 to 0.9) is the share of the disk
     to fill with file data; the files are real ones from :data:`SOURCE_ROOTS`, repeated under
     ``/copyN`` directories if the machine has too few, chosen by a walk shuffled with ``seed``.
-    The data put in is at most ``fill * size`` and short of it by less than 64 KiB, unless the
-    filesystem has no room for that much (its metadata takes a few percent, more on small disks),
-    in which case it holds as much as fits; ``data_bytes`` in the result says how much it got.
+    The data put in is at most ``fill * size`` and normally short of it by less than 64 KiB; when
+    the filesystem has no room for that much (its metadata takes a few percent, more on small
+    disks, and it has a fixed number of inodes) it holds as much as fits, and with no readable
+    files under the roots it stays empty. ``data_bytes`` in the result says how much it got.
     ``fill=0`` gives an empty ext4 filesystem.
 
     ``compress=None`` compresses with xz when ``path`` ends in ``.xz`` and writes the raw disk
@@ -147,20 +164,23 @@ def write_sample_image(
     The output appears at ``path`` only when complete (it is renamed into place); temporary files
     live in a hidden directory next to it and are removed whatever happens. Raises
     :class:`~fedimg.errors.InputError` for bad arguments or when e2fsprogs (``mke2fs``,
-    ``debugfs``) is not installed, and :class:`~fedimg.errors.FedimgError` when a tool fails.
+    ``debugfs``, ``dumpe2fs``) is not installed, and :class:`~fedimg.errors.FedimgError` when a tool fails.
     """
-    sectors = _check_arguments(path, size_bytes, fill)
+    sectors = _check_arguments(path, size_bytes, fill, seed)
     if compress is None:
         compress = path.name.endswith(".xz")
     mke2fs = _find_tool("mke2fs")
     debugfs = _find_tool("debugfs")
-    if mke2fs is None or debugfs is None:
-        raise InputError("mke2fs/debugfs not found: install e2fsprogs to write sample images")
+    dumpe2fs = _find_tool("dumpe2fs")
+    if mke2fs is None or debugfs is None or dumpe2fs is None:
+        raise InputError("mke2fs not found: install e2fsprogs to write sample images")
     xz = _find_tool("xz") if compress else None
 
     disk_bytes = sectors * SECTOR_SIZE
     partition_bytes = (sectors - PARTITION_START_SECTOR) * SECTOR_SIZE
-    digest = hashlib.sha256(f"fedimg sample image, seed {seed}".encode()).digest()
+    # Every identifier in the image (filesystem UUID, directory hash seed, MBR disk signature)
+    # comes from the seed, so none is random.
+    digest = hashlib.sha512(f"fedimg sample image, seed {seed}".encode()).digest()
     fs_uuid = uuid.UUID(bytes=digest[:16], version=4)
     hash_seed = uuid.UUID(bytes=digest[16:32], version=4)
     tool_env = {
@@ -201,19 +221,22 @@ def write_sample_image(
         _run_tool([*mkfs_command, str(fs_image)], tool_env)
         free_blocks, free_inodes = _ext4_free_space(fs_image)
 
+        wanted = math.floor(fill * disk_bytes)
         budget = _Budget(
-            data_bytes=math.floor(fill * disk_bytes),
+            data_bytes=wanted,
+            compressed_bytes=math.floor(wanted * _COMPRESSED_SHARE),
             blocks=math.floor(free_blocks * (1 - _SPACE_MARGIN)) - 16,
             inodes=free_inodes - 16,
         )
-        staged = _stage_files(staging, budget, random.Random(seed), exclude=work)
+        _stage_files(staging, budget, random.Random(seed), exclude=work)
 
         _make_sparse(fs_image, partition_bytes)
         _run_tool([*mkfs_command, "-d", str(staging), str(fs_image)], tool_env)
-        _normalise_inodes(debugfs, fs_image, staged, work / "debugfs.cmd", tool_env)
+        inodes = _used_inodes(dumpe2fs, fs_image, tool_env)
+        _normalise_inodes(debugfs, fs_image, inodes, work / "debugfs.cmd", tool_env)
 
         output = work / "output"
-        chunks = _disk_chunks(_mbr(sectors, digest[32 - 4 :]), fs_image, partition_bytes)
+        chunks = _disk_chunks(_mbr(sectors, digest[32:36]), fs_image, partition_bytes)
         if not compress:
             raw_hash = _write_raw(chunks, output)
             compressed_hash = raw_hash
@@ -232,7 +255,7 @@ def write_sample_image(
     )
 
 
-def _check_arguments(path: Path, size_bytes: int, fill: float) -> int:
+def _check_arguments(path: Path, size_bytes: int, fill: float, seed: int) -> int:
     """Validate the arguments and return the disk size in sectors; raise InputError otherwise."""
     if isinstance(size_bytes, bool) or not isinstance(size_bytes, int):
         raise InputError(f"sample image size must be a whole number of bytes, not {size_bytes!r}")
@@ -253,6 +276,8 @@ def _check_arguments(path: Path, size_bytes: int, fill: float) -> int:
         or not 0 <= fill <= MAX_FILL
     ):
         raise InputError(f"sample image fill must be a number from 0 to {MAX_FILL}, not {fill!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"sample image seed must be an integer, not {seed!r}")
     if path.is_dir():
         raise InputError(f"sample image path {path} is a directory")
     if not path.parent.is_dir():
@@ -301,21 +326,36 @@ def _ext4_free_space(fs_image: Path) -> tuple[int, int]:
 
 @dataclass
 class _Budget:
-    """What is left to fill: file bytes wanted, filesystem blocks and inodes available."""
+    """What is left to fill: file bytes wanted, filesystem blocks and inodes available.
+
+    ``compressed_bytes`` caps the already-compressed files (see :data:`_COMPRESSED_SHARE`).
+    """
 
     data_bytes: int
+    compressed_bytes: int
     blocks: int
     inodes: int
     used_data: int = 0
 
-    def room_for(self, size: int) -> bool:
-        return size <= self.data_bytes and _blocks(size) <= self.blocks and self.inodes >= 1
+    def room_for(self, size: int, *, compressed: bool, directories: int) -> bool:
+        return (
+            size <= self.data_bytes
+            and (not compressed or size <= self.compressed_bytes)
+            and _blocks(size) + directories <= self.blocks
+            and 1 + directories <= self.inodes
+        )
 
-    def take(self, size: int) -> None:
+    def take(self, size: int, *, compressed: bool) -> None:
         self.data_bytes -= size
+        if compressed:
+            self.compressed_bytes -= size
         self.blocks -= _blocks(size)
         self.inodes -= 1
         self.used_data += size
+
+    def take_directory(self) -> None:
+        self.blocks -= 1
+        self.inodes -= 1
 
     def done(self) -> bool:
         return self.data_bytes < _DONE_SLACK or self.blocks < 1 or self.inodes < 1
@@ -325,122 +365,211 @@ def _blocks(size: int) -> int:
     return -(-size // _EXT4_BLOCK_SIZE)
 
 
-def _stage_files(staging: Path, budget: _Budget, rng: random.Random, exclude: Path) -> list[str]:
-    """Copy real files into ``staging`` within ``budget`` and return every staged path.
+def _stage_files(staging: Path, budget: _Budget, rng: random.Random, exclude: Path) -> None:
+    """Copy real files into ``staging`` (the future filesystem's root) within ``budget``.
 
-    The returned paths are absolute paths inside the future filesystem (``/usr/share/...``), the
-    directories included. Each pass walks :data:`SOURCE_ROOTS` in an order shuffled by ``rng``,
-    copying whole directory trees as it goes (as packages lay files out) and skipping files that
-    do not fit; a pass after the first copies under ``/copyN``. Passes stop when the budget is
-    spent or a pass finds nothing more that fits.
+    Each pass walks :data:`SOURCE_ROOTS` in an order shuffled by ``rng``, copying whole directory
+    trees as it goes (as packages lay files out) and skipping files that do not fit; a pass after
+    the first copies under ``/copyN``. Passes stop when the budget is spent or a pass finds
+    nothing more that fits.
     """
-    staged: list[str] = []
+    made: set[str] = set()
     pass_number = 0
     while not budget.done():
-        prefix = PurePosixPath("/") if pass_number == 0 else PurePosixPath(f"/copy{pass_number}")
-        copied_before = len(staged)
-        for source in _walk_files(list(SOURCE_ROOTS), rng, exclude.resolve()):
-            if budget.done():
-                break
-            try:
-                size = source.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
-            if size == 0 or not budget.room_for(size):
-                continue
-            target = prefix / source.relative_to("/")
-            new_dirs = [str(d) for d in target.parents if d != PurePosixPath("/")]
-            new_dirs = [d for d in new_dirs if not (staging / d.lstrip("/")).exists()]
-            if len(new_dirs) + 1 > budget.inodes or len(new_dirs) > budget.blocks:
-                continue
-            destination = staging / str(target).lstrip("/")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            for directory in new_dirs:
-                # Explicit, so the image does not depend on the caller's umask.
-                os.chmod(staging / directory.lstrip("/"), 0o755)
-                budget.inodes -= 1
-                budget.blocks -= 1
-            copied = _copy_file(source, destination)
-            staged.extend(reversed(new_dirs))
-            if copied is None:
-                continue
-            budget.take(copied)
-            staged.append(str(target))
-        if len(staged) == copied_before:
+        prefix = "" if pass_number == 0 else f"/copy{pass_number}"
+        inodes_before = budget.inodes
+        roots = sorted(str(root) for root in SOURCE_ROOTS)
+        rng.shuffle(roots)
+        for root in roots:
+            for source, size in _walk_files(root, rng, str(exclude.resolve())):
+                if budget.done():
+                    break
+                target = prefix + source
+                _stage_file(source, size, target, staging=staging, budget=budget, made=made)
+        if budget.inodes == inodes_before:
             break
         pass_number += 1
-    return staged
 
 
-def _walk_files(roots: list[Path], rng: random.Random, exclude: Path) -> Iterator[Path]:
-    """Yield regular files under ``roots`` depth-first, in an order shuffled by ``rng``.
+def _stage_file(
+    source: str,
+    size: int,
+    target: str,
+    *,
+    staging: Path,
+    budget: _Budget,
+    made: set[str],
+) -> None:
+    """Copy ``source`` to ``target`` (a path inside the filesystem) if readable and in budget.
 
-    Symbolic links, unreadable directories, names unsafe for debugfs and ``exclude`` (the
-    temporary directory, should it lie under a root) are skipped. The walk is lazy, so a small
-    image does not pay for listing all of /usr.
+    ``size`` is what the directory walk saw, to skip files that cannot fit without opening them.
+    ``made`` holds the directories already created, and receives those this creates.
     """
-    entries = sorted(roots)
-    rng.shuffle(entries)
-    for entry in entries:
-        if entry == exclude:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            try:
-                children = sorted(p for p in entry.iterdir() if _SAFE_NAME.match(p.name))
-            except OSError:
-                continue
-            yield from _walk_files(children, rng, exclude)
-        elif entry.is_file() and not entry.is_symlink():
-            yield entry
+    ancestors = list(reversed(PurePosixPath(target).parents))[1:]  # without "/"
+    new_dirs = [str(d) for d in ancestors if str(d) not in made]
+    if size == 0 or not budget.room_for(size, compressed=False, directories=len(new_dirs)):
+        return
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        try:
+            status = os.fstat(fd)
+            head = os.pread(fd, 8, 0)
+        except OSError:
+            return
+        compressed = head.startswith(_COMPRESSED_MAGIC)
+        if (
+            not stat.S_ISREG(status.st_mode)
+            or status.st_size == 0
+            or not budget.room_for(status.st_size, compressed=compressed, directories=len(new_dirs))
+        ):
+            return
+        for directory in new_dirs:
+            local = staging / directory.lstrip("/")
+            local.mkdir()
+            os.chmod(local, 0o755)  # explicit, so the image does not depend on the umask
+            made.add(directory)
+            budget.take_directory()
+        mode = 0o755 if status.st_mode & 0o111 else 0o644
+        copied = _copy_contents(fd, staging / target.lstrip("/"), mode)
+    finally:
+        os.close(fd)
+    if copied is not None:
+        budget.take(copied, compressed=compressed)
 
 
-def _copy_file(source: Path, destination: Path) -> int | None:
-    """Copy a file's bytes and return how many, or None if the source could not be read.
+def _walk_files(directory: str, rng: random.Random, exclude: str) -> Iterator[tuple[str, int]]:
+    """Yield (path, size) of the regular files under ``directory``, depth-first, shuffled by ``rng``.
 
-    Read errors mean "skip this file"; write errors (a full disk, say) propagate.
+    Symbolic links, unreadable directories and ``exclude`` (the temporary directory, should it
+    lie under a root) are skipped. The walk is lazy, so a small image does not pay for listing all
+    of /usr.
     """
     try:
-        reader = open(source, "rb")  # noqa: SIM115 - closed below; its errors differ from writes
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
     except OSError:
-        return None
-    copied = 0
-    with reader, open(destination, "wb") as writer:
-        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
-            readable = False
-        else:
-            readable = True
-            while True:
-                try:
-                    block = reader.read(_CHUNK)
-                except OSError:
-                    readable = False
-                    break
-                if not block:
-                    break
-                writer.write(block)
-                copied += len(block)
-    if not readable:
-        destination.unlink()
-        return None
-    os.chmod(destination, 0o755 if os.access(source, os.X_OK) else 0o644)
+        return
+    rng.shuffle(entries)
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.path != exclude:
+                    yield from _walk_files(entry.path, rng, exclude)
+            elif entry.is_file(follow_symlinks=False):
+                yield entry.path, entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+
+
+def _copy_contents(source_fd: int, destination: Path, mode: int) -> int | None:
+    """Copy an open file into a new file; return the bytes copied, or None if reading failed.
+
+    A failed copy leaves no file behind. Read errors mean "skip this file"; errors that can only
+    come from writing (a full disk, say) propagate.
+    """
+    target_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    copied: int | None = 0
+    try:
+        os.fchmod(target_fd, mode)  # explicit, so the image does not depend on the umask
+        copied = _sendfile_all(source_fd, target_fd)
+    finally:
+        os.close(target_fd)
+        if copied is None:
+            destination.unlink()
     return copied
 
 
+def _sendfile_all(source_fd: int, target_fd: int) -> int | None:
+    """Copy all of ``source_fd`` into ``target_fd`` in the kernel if possible, else by reading."""
+    copied = 0
+    try:
+        while sent := os.sendfile(target_fd, source_fd, copied, 8 * _CHUNK):
+            copied += sent
+        return copied
+    except OSError as error:
+        if error.errno in _WRITE_ERRNOS:
+            raise
+        if error.errno not in (errno.EINVAL, errno.ENOSYS) or copied:
+            return None
+    # No sendfile between these two filesystems: copy through user space.
+    while True:
+        try:
+            block = os.pread(source_fd, _CHUNK, copied)
+        except OSError:
+            return None
+        if not block:
+            return copied
+        view = memoryview(block)
+        while view:
+            view = view[os.write(target_fd, view) :]
+        copied += len(block)
+
+
+def _used_inodes(dumpe2fs: str, fs_image: Path, env: dict[str, str]) -> list[int]:
+    """Return the numbers of the root directory's inode and of every ordinary inode in use.
+
+    The reserved inodes below the first ordinary one (journal, resize inode...) are left out.
+    The free ranges come from dumpe2fs's per-group "Free inodes:" lines; their total is checked
+    against the superblock so that a change in dumpe2fs's output cannot go unnoticed.
+    """
+    result = subprocess.run(
+        [dumpe2fs, str(fs_image)], env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise FedimgError(
+            f"dumpe2fs failed (exit {result.returncode}): {_last_line(result.stderr)}"
+        )
+    header: dict[str, str] = {}
+    free: list[tuple[int, int]] = []
+    try:
+        for line in result.stdout.splitlines():
+            if line.startswith("  Free inodes:"):
+                ranges = line.partition(":")[2].strip()
+                for item in filter(None, (part.strip() for part in ranges.split(","))):
+                    first, _, last = item.partition("-")
+                    free.append((int(first), int(last or first)))
+            elif not line.startswith(" ") and ":" in line:
+                key, _, value = line.partition(":")
+                header[key] = value.strip()
+        inode_count = int(header["Inode count"])
+        first_inode = int(header["First inode"])
+    except (KeyError, ValueError) as error:
+        raise FedimgError(f"unexpected dumpe2fs output: {error}") from error
+    _, free_inodes = _ext4_free_space(fs_image)
+    if sum(high - low + 1 for low, high in free) != free_inodes:
+        raise FedimgError(
+            "unexpected dumpe2fs output: its free inodes disagree with the superblock"
+        )
+    used = [_ROOT_INODE]
+    next_inode = first_inode
+    for low, high in sorted(free):
+        if high < next_inode:
+            continue
+        used.extend(range(next_inode, low))
+        next_inode = high + 1
+    used.extend(range(next_inode, inode_count + 1))
+    return used
+
+
 def _normalise_inodes(
-    debugfs: str, fs_image: Path, staged: list[str], command_file: Path, env: dict[str, str]
+    debugfs: str, fs_image: Path, inodes: list[int], command_file: Path, env: dict[str, str]
 ) -> None:
-    """Give every staged inode owner root and the fixed timestamps.
+    """Give ``inodes`` owner root and the fixed timestamps.
 
     ``mke2fs -d`` copies each staged file's owner and times, including its ctime, which records
     when the copy was made and cannot be set from user space. Rewriting them with debugfs makes
-    the filesystem reproducible and owned by root whoever runs this.
+    the filesystem reproducible, and owned by root whoever runs this. Inodes are named by number:
+    debugfs looks paths up by scanning directories, which is slow for the big ones under /usr.
     """
     epoch = f"@{FIXED_EPOCH}"
     fields = (("uid", "0"), ("gid", "0"), ("atime", epoch), ("mtime", epoch), ("ctime", epoch))
     with open(command_file, "w", encoding="ascii") as commands:
-        for inode_path in ["/", *staged]:
+        for inode in inodes:
             for field, value in fields:
-                commands.write(f"sif {inode_path} {field} {value}\n")
+                commands.write(f"sif <{inode}> {field} {value}\n")
     result = subprocess.run(
         [debugfs, "-w", "-f", str(command_file), str(fs_image)],
         env=env,
