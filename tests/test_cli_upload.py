@@ -153,6 +153,26 @@ def _truncated(image: Path, target: Path) -> Path:
         ("malformed-ami-line", 2, "malformed entry"),
         ("pv-without-aki", 2, "paravirtual needs an AKI"),
         ("failing-test", 1, "exited 3"),
+        ("empty-file", 2, "not an xz file"),
+        ("gzip-named-xz", 2, "not an xz file"),
+        ("directory", 2, "not a regular file"),
+        ("tiny-xz", 2, "corrupt or truncated xz file"),
+        ("bad-sha256-value", 2, "is not a SHA-256"),
+        ("checksum-file-without-image", 2, "no SHA256 line"),
+        ("unknown-arch", 2, "unknown architecture"),
+        ("name-without-arch", 2, "pass --arch"),
+        ("ftp-scheme", 2, "unsupported URL scheme"),
+        ("config-unknown-key", 2, "Unknown key"),
+        ("config-bad-target", 2, "[aws] target"),
+        ("config-bad-region-name", 2, "is not a region name"),
+        ("config-zero-workers", 2, "[aws] workers"),
+        ("config-missing-file", 2, "no such config file"),
+        ("endpoint-without-url", 2, "endpoint_url"),
+        ("unknown-flavour", 2, "is not a flavour"),
+        ("pv-on-arm64", 2, "paravirtual AMIs exist only for x86"),
+        ("instance-store-without-bundle", 2, "need [aws.bundle]"),
+        ("ami-line-bad-id", 2, "is not an AMI id"),
+        ("preflight-block-public-access", 2, "image block public access is on"),
     ],
 )
 def test_bad_input_gives_one_line_exit_code_failed_message_and_no_leak(
@@ -164,7 +184,10 @@ def test_bad_input_gives_one_line_exit_code_failed_message_and_no_leak(
     case: str,
     exit_code: int,
     words: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A config that cannot be read still records its failure: in the default state directory.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     name = sample_image.path.name
     source = str(sample_image.path)
     args: list[str] = []
@@ -192,7 +215,64 @@ def test_bad_input_gives_one_line_exit_code_failed_message_and_no_leak(
         script.write_text("#!/bin/sh\necho 'kernel panic' ; exit 3\n")
         script.chmod(0o755)
         extra = f"test = '{script}'\n"
+    elif case == "empty-file":
+        empty = tmp_path / name
+        empty.write_bytes(b"")
+        source = str(empty)
+    elif case == "gzip-named-xz":
+        import gzip
+
+        fake = tmp_path / name
+        fake.write_bytes(gzip.compress(b"\0" * 100_000))
+        source = str(fake)
+    elif case == "directory":
+        folder = tmp_path / name
+        folder.mkdir()
+        source = str(folder)
+    elif case == "tiny-xz":
+        tiny = tmp_path / name
+        tiny.write_bytes(sample_image.path.read_bytes()[:100])
+        source = str(tiny)
+    elif case == "bad-sha256-value":
+        args = ["--sha256", "not-a-checksum"]
+    elif case == "checksum-file-without-image":
+        checksum = tmp_path / "CHECKSUM"
+        checksum.write_text("SHA256 (other.raw.xz) = " + "ab" * 32 + "\n")
+        args = ["--checksum-file", str(checksum)]
+    elif case == "unknown-arch":
+        args = ["--arch", "sparc"]
+    elif case == "name-without-arch":
+        plain = tmp_path / "disk.raw.xz"
+        plain.write_bytes(sample_image.path.read_bytes())
+        source = str(plain)
+    elif case == "ftp-scheme":
+        source = f"ftp://127.0.0.1/{name}"
+    elif case == "config-unknown-key":
+        extra = "regoins = ['us-east-1']\n"
+    elif case == "config-bad-target":
+        extra = "target = 'azure'\n"
+    elif case == "config-bad-region-name":
+        extra = "exclude_regions = ['Europe']\n"
+    elif case == "config-zero-workers":
+        extra = "workers = 0\n"
+    elif case == "endpoint-without-url":
+        extra = "target = 'endpoint'\n"
+    elif case == "unknown-flavour":
+        extra = "flavours = ['hvm-ssd-gp2']\n"
+    elif case == "pv-on-arm64":
+        extra = "flavours = ['pv-ebs-gp2']\n"
+        args = ["--arch", "aarch64"]
+    elif case == "instance-store-without-bundle":
+        extra = "flavours = ['hvm-instance-store']\n"
+    elif case == "ami-line-bad-id":
+        extra = "amis = ['us-east-1|x86_64|image-12345678|aki-12345678']\n"
+    elif case == "preflight-block-public-access":
+        clients.ec2("eu-west-1").enable_image_block_public_access(
+            ImageBlockPublicAccessState="block-new-sharing"
+        )
     config = config_file(tmp_path, extra)
+    if case == "config-missing-file":
+        config = tmp_path / "missing.toml"
 
     def run() -> int:
         return main(["upload", source, "-c", str(config), "--progress", "none", *args])
@@ -213,7 +293,8 @@ def test_bad_input_gives_one_line_exit_code_failed_message_and_no_leak(
     assert code == exit_code, err
     assert len(last) == 1, err
     assert words in last[0]
-    failed = failed_messages(tmp_path)
+    journal = tmp_path / "state" / "fedimg" if case == "config-missing-file" else tmp_path
+    failed = failed_messages(journal)
     assert failed, "no failed message"
     assert all(m["status"] == "failed" for m in failed)
     assert leaked(clients, REGIONS) == []

@@ -229,6 +229,29 @@ class AwsSettings(_Model):
         "'command' (this machine) on other targets",
     )
     test_timeout: float = Field(default=600.0, gt=0, description="Seconds the test may run")
+    qemu_disk: Literal["auto", "snapshot", "source"] = Field(
+        default="auto",
+        description="qemu runner: the disk it boots; snapshot: the AMI's root snapshot read back "
+        "with the EBS direct APIs; source: the source image, decompressed; auto: snapshot on "
+        "non-AWS targets, source on real AWS (and for rows without a snapshot)",
+    )
+    qemu_accel: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto",
+        description="qemu runner: KVM, TCG (emulation), or auto: KVM when a probe VM really runs "
+        "under it, else TCG",
+    )
+    qemu_memory: int = Field(default=512, ge=128, description="qemu runner: guest memory in MiB")
+    qemu_boot_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="qemu runner: seconds from QEMU's start until the guest shows its host keys "
+        "and answers SSH (as test_username, with a key given in the NoCloud seed)",
+    )
+    qemu_poweroff_grace: float = Field(
+        default=15.0,
+        ge=0,
+        description="qemu runner: seconds the guest has to power off before QEMU is killed",
+    )
     ssh_cidr: str | None = Field(
         default=None,
         description="Addresses the temporary security group lets reach port 22; default: this "
@@ -304,6 +327,12 @@ class AwsSettings(_Model):
     name_prefix: str | None = Field(
         default=None, description="Prefix of AMI names; default: the image name"
     )
+
+    @model_validator(mode="after")
+    def _endpoint_needs_url(self) -> AwsSettings:
+        if self.target == "endpoint" and not self.endpoint_url:
+            raise ValueError("endpoint_url: required when target = 'endpoint'")
+        return self
 
     @field_validator("base_region")
     @classmethod
