@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +30,17 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required under CI=true: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``cli.main`` configures the root logger on the stream of the moment; undo it after each
+    test, so later log records do not go to a stream pytest has closed."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +110,16 @@ class Recorder:
 
 
 def _strip_bytes(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: (f"<{len(v)} bytes>" if isinstance(v, bytes | bytearray) else v) for k, v in params.items()}
+    """Request bodies (bytes, files) replaced by a short description, so they can be copied."""
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, bytes | bytearray):
+            return f"<{len(value)} bytes>"
+        if hasattr(value, "read"):
+            return f"<stream {getattr(value, 'name', '')}>"
+        return value
+
+    return {k: describe(v) for k, v in params.items()}
 
 
 @pytest.fixture
@@ -117,9 +138,7 @@ def make_config(tmp_path: Path, **aws: Any) -> Config:
 
 
 @pytest.fixture
-def runtime_factory(
-    aws: EmbeddedAWS, recorder: Recorder
-) -> Iterator[Callable[[Config], Runtime]]:
+def runtime_factory(aws: EmbeddedAWS, recorder: Recorder) -> Iterator[Callable[[Config], Runtime]]:
     """Builds Runtimes on the shared embedded endpoint, recording every request."""
     made: list[Runtime] = []
 

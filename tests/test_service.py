@@ -294,3 +294,23 @@ def test_bad_plans_fail_before_any_aws_resource(
     (failed,) = runtime.messenger.sent
     assert failed.topic == "fedimg.image.upload"
     assert failed.body["status"] == "failed"
+
+
+def test_a_failed_rerun_never_removes_the_earlier_jobs_public_amis(
+    tmp_path: Path,
+    runtime_factory: Callable[[Config], Runtime],
+    sample_image: SampleImage,
+    clients: ClientFactory,
+) -> None:
+    good = make_config(tmp_path, regions=["us-east-1"])
+    first, _ = publish(runtime_factory, good, sample_image)
+    assert first.status == "published"
+    bad = make_config(tmp_path, regions=["us-east-1"], test=script(tmp_path, "exit 1"))
+    second, runtime = publish(runtime_factory, bad, sample_image)
+    assert second.status == "failed"
+    images = clients.ec2("us-east-1").describe_images(Owners=["self"])["Images"]
+    assert {i["ImageId"] for i in images} == {a.id for a in first.amis}
+    assert all(i["Public"] for i in images)
+    rows = runtime.catalog.amis()
+    assert {r.job_id for r in rows} == {first.job_id}
+    assert all(r.state == "public" for r in rows)

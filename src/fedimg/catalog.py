@@ -27,13 +27,17 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    cast,
     create_engine,
+    distinct,
     event,
     func,
+    or_,
     select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 
 def utcnow() -> dt.datetime:
@@ -152,6 +156,79 @@ class AmiFilter:
     job_id: str | None = None
 
 
+#: Job statuses whose AMIs are released: :meth:`Catalog.latest_amis` answers from these only.
+RELEASED_JOB_STATUSES = ("published", "partial")
+#: AMI states that are not for users: gone, or kept for inspection after a failed test.
+UNUSABLE_AMI_STATES = ("deleted", "kept")
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Filters of :meth:`Catalog.find_jobs`; None means any.
+
+    ``region`` and ``flavour`` match the jobs that recorded an AMI in that region or of that flavour.
+    """
+
+    image_name: str | None = None
+    release: str | None = None
+    compose_id: str | None = None
+    arch: str | None = None
+    status: str | None = None
+    region: str | None = None
+    flavour: str | None = None
+
+
+@dataclass(frozen=True)
+class MessageQuery:
+    """A journal search (:meth:`Catalog.search_messages`), shaped after datagrepper's ``/raw``.
+
+    ``topic_groups``: the topics within a group are OR-ed, the groups AND-ed (datagrepper's topic and
+    category filters become one group each; an empty group matches nothing). ``contains``:
+    substrings of the JSON body, OR-ed. ``start``/``end``: epoch seconds, inclusive.
+    """
+
+    topic_groups: tuple[tuple[str, ...], ...] = ()
+    not_topics: tuple[str, ...] = ()
+    contains: tuple[str, ...] = ()
+    job_id: str | None = None
+    start: float | None = None
+    end: float | None = None
+    newest_first: bool = True
+    limit: int = 25
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """One image as the catalog knows it: its newest job, and its AMIs that are not deleted."""
+
+    image_name: str
+    arch: str
+    release: str | None
+    compose_id: str | None
+    jobs: int
+    latest_job_id: str
+    latest_status: str
+    latest_at: dt.datetime
+    amis: int
+    regions: int
+
+
+def _ami_conditions(filters: AmiFilter) -> list[ColumnElement[bool]]:
+    return [
+        column == value
+        for column, value in (
+            (Ami.image_name, filters.image_name),
+            (Ami.region, filters.region),
+            (Ami.arch, filters.arch),
+            (Ami.release, filters.release),
+            (Ami.flavour, filters.flavour),
+            (Ami.job_id, filters.job_id),
+        )
+        if value is not None
+    ]
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the dashboard read while an upload writes; the busy timeout absorbs short locks.
     cursor = dbapi_connection.cursor()
@@ -160,10 +237,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _with_installed_driver(url: str) -> str:
+    """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when only it exists."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 class Catalog:
     """Access to the catalog at ``url``; creates the schema (and SQLite's directory) on first use."""
 
     def __init__(self, url: str) -> None:
+        url = _with_installed_driver(url)
         self.url = url
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -252,14 +341,14 @@ class Catalog:
     # --- AMIs ----------------------------------------------------------------------------------
 
     def add_ami(self, **fields: Any) -> Ami:
-        """Record an AMI; an existing row for the same AMI id is updated instead."""
+        """Record an AMI, unless it is recorded already (then the existing row is returned)."""
         with self.session() as session:
             existing = session.scalars(
                 select(Ami).where(Ami.ami_id == fields["ami_id"], Ami.region == fields["region"])
             ).first()
             if existing is not None:
-                for key, value in fields.items():
-                    setattr(existing, key, value)
+                # An AMI's row is written once, by the job that registered it; a later job that
+                # finds the AMI again (same image) neither takes it over nor resets its state.
                 return existing
             ami = Ami(**fields)
             session.add(ami)
@@ -433,3 +522,210 @@ class Catalog:
             return session.scalars(
                 select(MessageRecord).where(MessageRecord.msg_id == msg_id)
             ).first()
+
+    # --- read-only queries (dashboard, JSON API, datagrepper /raw) -----------------------------
+
+    def find_jobs(
+        self, filters: JobFilter | None = None, *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Job], int]:
+        """Jobs matching ``filters``, newest first, and how many match in all."""
+        filters = filters or JobFilter()
+        with self.session() as session:
+            query = select(Job)
+            for column, value in (
+                (Job.image_name, filters.image_name),
+                (Job.release, filters.release),
+                (Job.compose_id, filters.compose_id),
+                (Job.arch, filters.arch),
+                (Job.status, filters.status),
+            ):
+                if value is not None:
+                    query = query.where(column == value)
+            if filters.region is not None or filters.flavour is not None:
+                has_ami = select(Ami.id).where(Ami.job_id == Job.id)
+                if filters.region is not None:
+                    has_ami = has_ami.where(Ami.region == filters.region)
+                if filters.flavour is not None:
+                    has_ami = has_ami.where(Ami.flavour == filters.flavour)
+                query = query.where(has_ami.exists())
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            ordered = query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+            return list(session.scalars(ordered)), int(total)
+
+    def job_facets(self) -> dict[str, list[str]]:
+        """The values each dashboard filter can take: release, compose_id, arch, status (of jobs),
+        region and flavour (of AMIs); each list sorted."""
+        with self.session() as session:
+
+            def values(column: Any) -> list[str]:
+                return sorted({v for v in session.scalars(select(column).distinct()) if v})
+
+            return {
+                "release": values(Job.release),
+                "compose_id": values(Job.compose_id),
+                "arch": values(Job.arch),
+                "status": values(Job.status),
+                "region": values(Ami.region),
+                "flavour": values(Ami.flavour),
+            }
+
+    def ami_counts(self, job_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(AMIs, regions) of each job, deleted AMIs not counted; jobs without AMIs are absent."""
+        if not job_ids:
+            return {}
+        with self.session() as session:
+            rows = session.execute(
+                select(Ami.job_id, func.count(Ami.id), func.count(distinct(Ami.region)))
+                .where(Ami.job_id.in_(list(job_ids)), Ami.state != "deleted")
+                .group_by(Ami.job_id)
+            )
+            return {job_id: (int(amis), int(regions)) for job_id, amis, regions in rows}
+
+    def find_amis(
+        self,
+        filters: AmiFilter | None = None,
+        *,
+        state: str | None = None,
+        public: bool | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[Ami], int]:
+        """AMIs matching ``filters`` (and ``state``, ``public``), newest first, and the total."""
+        with self.session() as session:
+            query = select(Ami).where(*_ami_conditions(filters or AmiFilter()))
+            if state is not None:
+                query = query.where(Ami.state == state)
+            if public is not None:
+                query = query.where(Ami.public.is_(public))
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            ordered = (
+                query.order_by(Ami.created_at.desc(), Ami.id.desc()).limit(limit).offset(offset)
+            )
+            return list(session.scalars(ordered)), int(total)
+
+    def latest_amis(self, filters: AmiFilter | None = None) -> list[Ami]:
+        """The newest released AMI per (arch, region, flavour) among those matching ``filters``.
+
+        Released: from a job that published (fully or partly), and neither deleted nor kept after a
+        failed test, so a job still running never answers. Sorted by arch, region, flavour.
+        """
+        newest_first = func.row_number().over(
+            partition_by=(Ami.arch, Ami.region, Ami.flavour),
+            order_by=(Ami.created_at.desc(), Ami.id.desc()),
+        )
+        ranked = (
+            select(Ami.id.label("ami_row"), newest_first.label("rank"))
+            .join(Job, Job.id == Ami.job_id)
+            .where(
+                Job.status.in_(RELEASED_JOB_STATUSES),
+                Ami.state.not_in(UNUSABLE_AMI_STATES),
+                *_ami_conditions(filters or AmiFilter()),
+            )
+            .subquery()
+        )
+        query = (
+            select(Ami)
+            .join(ranked, ranked.c.ami_row == Ami.id)
+            .where(ranked.c.rank == 1)
+            .order_by(Ami.arch, Ami.region, Ami.flavour)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def images(
+        self,
+        *,
+        image_name: str | None = None,
+        release: str | None = None,
+        arch: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[ImageSummary], int]:
+        """Images (by name) with their newest job, newest first, and how many there are in all."""
+        with self.session() as session:
+            grouped = select(
+                Job.image_name.label("image_name"),
+                func.max(Job.created_at).label("latest_at"),
+                func.count(Job.id).label("jobs"),
+            ).group_by(Job.image_name)
+            if image_name is not None:
+                grouped = grouped.where(Job.image_name == image_name)
+            if release is not None:
+                grouped = grouped.where(Job.release == release)
+            if arch is not None:
+                grouped = grouped.where(Job.arch == arch)
+            names_query = grouped.subquery()
+            total = session.scalar(select(func.count()).select_from(names_query)) or 0
+            page = session.execute(
+                select(names_query.c.image_name, names_query.c.jobs)
+                .order_by(names_query.c.latest_at.desc(), names_query.c.image_name)
+                .limit(limit)
+                .offset(offset)
+            ).all()
+            names = [row.image_name for row in page]
+            newest: dict[str, Job] = {}
+            for job in session.scalars(
+                select(Job).where(Job.image_name.in_(names)).order_by(Job.created_at.desc(), Job.id)
+            ):
+                newest.setdefault(job.image_name, job)
+            counts = {
+                name: (int(amis), int(regions))
+                for name, amis, regions in session.execute(
+                    select(Ami.image_name, func.count(Ami.id), func.count(distinct(Ami.region)))
+                    .where(Ami.image_name.in_(names), Ami.state != "deleted")
+                    .group_by(Ami.image_name)
+                )
+            }
+            summaries = []
+            for row in page:
+                job = newest[row.image_name]
+                amis, regions = counts.get(row.image_name, (0, 0))
+                summaries.append(
+                    ImageSummary(
+                        image_name=row.image_name,
+                        arch=job.arch,
+                        release=job.release,
+                        compose_id=job.compose_id,
+                        jobs=int(row.jobs),
+                        latest_job_id=job.id,
+                        latest_status=job.status,
+                        latest_at=job.created_at,
+                        amis=amis,
+                        regions=regions,
+                    )
+                )
+            return summaries, int(total)
+
+    def message_topics(self) -> list[str]:
+        """Every distinct topic in the journal, sorted."""
+        with self.session() as session:
+            return sorted(session.scalars(select(MessageRecord.topic).distinct()))
+
+    def search_messages(self, query: MessageQuery) -> tuple[list[MessageRecord], int]:
+        """Journal messages matching ``query`` (by timestamp), and how many match in all."""
+        with self.session() as session:
+            statement = select(MessageRecord)
+            for group in query.topic_groups:
+                statement = statement.where(MessageRecord.topic.in_(list(group)))
+            if query.not_topics:
+                statement = statement.where(MessageRecord.topic.not_in(list(query.not_topics)))
+            if query.contains:
+                body = cast(MessageRecord.body, Text)
+                statement = statement.where(
+                    or_(*(body.contains(text, autoescape=True) for text in query.contains))
+                )
+            if query.job_id is not None:
+                statement = statement.where(MessageRecord.job_id == query.job_id)
+            if query.start is not None:
+                statement = statement.where(MessageRecord.timestamp >= query.start)
+            if query.end is not None:
+                statement = statement.where(MessageRecord.timestamp <= query.end)
+            total = session.scalar(select(func.count()).select_from(statement.subquery())) or 0
+            if query.newest_first:
+                order = (MessageRecord.timestamp.desc(), MessageRecord.id.desc())
+            else:
+                order = (MessageRecord.timestamp.asc(), MessageRecord.id.asc())
+            rows = session.scalars(
+                statement.order_by(*order).limit(query.limit).offset(query.offset)
+            )
+            return list(rows), int(total)

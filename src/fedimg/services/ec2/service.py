@@ -33,7 +33,7 @@ from fedimg.config import Config
 from fedimg.errors import EXIT_FAILED, EXIT_OK, ConfigError, FedimgError, InputError, Interrupted
 from fedimg.events import ImageInfo, JobFinished, Step, StepEvent
 from fedimg.messages import Messenger
-from fedimg.progress import NullProgress, Progress
+from fedimg.progress import CallbackProgress, FanOutProgress, NullProgress, Progress
 from fedimg.services.ec2.errors import EC2TestException, aws_call
 from fedimg.services.ec2.flavours import (
     AmiAttributes,
@@ -537,6 +537,7 @@ class _JobRun:
         return tags
 
     def timed_step(self, name: str, region: str | None, action: Callable[[], Any]) -> Any:
+        self.s.catalog.update_job(self.job_id, step=name)
         step_id = self.s.catalog.start_step(self.job_id, name, region)
         try:
             value = action()
@@ -680,7 +681,11 @@ class _JobRun:
             on_snapshot_started=lambda sid: self.ledger.record(
                 region=self.base, kind="snapshot", resource_id=sid
             ),
-            progress=self.s.progress,
+            # The CLI's progress, and the catalog's for the dashboard's live view.
+            progress=FanOutProgress(
+                self.s.progress,
+                CallbackProgress(lambda p: self.s.catalog.set_progress(self.job_id, p)),
+            ),
         )
 
     def upload_with_utility(self, *, token: str, tags: dict[str, str]) -> DirectUploadResult:
@@ -733,8 +738,12 @@ class _JobRun:
                 image_location=image_location,
             ),
             ec2=self.s.clients.ec2(region),
-            on_registered=lambda ami: self.ledger.record(
-                region=region, kind="image", resource_id=ami.ami_id
+            # Only AMIs this job registers are its own to clean up; one found from an earlier
+            # job of the same image (perhaps already public) is never deregistered by this one.
+            on_registered=lambda ami: (
+                None
+                if ami.reused
+                else self.ledger.record(region=region, kind="image", resource_id=ami.ami_id)
             ),
         )
 
