@@ -6,7 +6,9 @@ delivery; it never fails the upload. The journal alone (the default) needs no br
 
 Legacy topics and bodies are exactly those of fedimg 2.x (see ``fedimg_messages``):
 ``fedimg.image.upload`` / ``.test`` (status started|completed|failed), ``fedimg.image.copy``,
-``fedimg.image.publish``.
+``fedimg.image.publish``. A job that ends published (or partial) also gets the successor's
+per-image summary, ``fedora_image_uploader.published.v1.aws.<subvariant>.<release>.<arch>``
+(:mod:`fedimg.successor`). The AMQP publisher is :class:`fedimg.bus.AmqpPublisher`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from fedimg.catalog import Catalog
 from fedimg.events import Event, JobFinished, StepEvent
@@ -39,15 +41,39 @@ class OutgoingMessage:
     timestamp: float
     job_id: str | None
     summary: str
+    #: fedora-messaging schema name; empty: the legacy ``<topic>.v1``.
+    schema: str = ""
+
+    @property
+    def schema_name(self) -> str:
+        """The schema the body follows (``fedimg.image.upload.v1``, ...)."""
+        return self.schema or f"{self.topic}.v1"
 
 
 class Publisher(Protocol):
-    """Something that delivers messages (a bus, stdout). Raises to leave a message pending."""
+    """Something that delivers messages (a bus, stdout). Raises to leave a message pending.
+
+    Raising :class:`UndeliverableMessage` says the message can never be delivered as it is: it
+    stays in the outbox (for ``fedimg messages --pending``) but no longer holds the others back.
+    """
 
     name: str
 
     def publish(self, message: OutgoingMessage, *, full_topic: str) -> None:
         """Deliver one message."""
+
+
+class UndeliverableMessage(Exception):
+    """A publisher can never deliver this message as it is (e.g. its body fails its schema)."""
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """What one pass over the outbox did."""
+
+    delivered: int
+    pending: int
+    undeliverable: int = 0
 
 
 def cut_data(text: str, limit: int = MAX_DATA_BYTES) -> str:
@@ -156,8 +182,18 @@ class StdoutPublisher:
 class Messenger:
     """Turns events into messages: journal first, then every publisher; never raises for delivery.
 
+    The journal is the outbox. With publishers, each message is journaled as pending, delivered to
+    every publisher, then marked delivered. When a delivery fails, that message and every later one
+    wait in the outbox and are delivered in journal order by :meth:`flush_outbox`: every
+    ``flush_interval`` seconds by a background thread (when given), by ``fedimg messages --flush``,
+    and once more at :meth:`close`. Delivery is at least once: a message whose confirm was lost is
+    sent again, with the same ``msg_id``. With no publisher, messages are journaled as delivered.
+
     Thread-safe. ``topic_prefix`` (e.g. ``org.fedoraproject.prod``) is prepended to every topic.
     """
+
+    #: Messages read from the outbox per query while flushing.
+    FLUSH_BATCH = 500
 
     def __init__(
         self,
@@ -165,12 +201,23 @@ class Messenger:
         catalog: Catalog,
         topic_prefix: str,
         publishers: list[Publisher] | None = None,
+        flush_interval: float | None = None,
+        successor_summary: bool = True,
     ) -> None:
         self.catalog = catalog
         self.topic_prefix = topic_prefix.rstrip(".")
         self.publishers = list(publishers or [])
+        self.flush_interval = flush_interval
+        self.successor_summary = successor_summary
         self.sent: list[OutgoingMessage] = []
         self._lock = threading.Lock()
+        # Held while delivering, so the outbox is delivered in order and never twice at once.
+        self._deliver_lock = threading.Lock()
+        # None: unknown whether an earlier run left messages pending; True: messages wait.
+        self._backlog: bool | None = None if self.publishers else False
+        self._undeliverable: set[str] = set()
+        self._closed = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     def full_topic(self, topic: str) -> str:
         """The topic as it goes on the bus."""
@@ -179,34 +226,160 @@ class Messenger:
     def emit(self, event: Event) -> None:
         """Record and deliver the message(s) an event maps to."""
         if isinstance(event, JobFinished):
-            # The successor's summary message is sent by the bus publisher (fedimg_messages).
-            return
-        message = to_message(event)
+            if not self.successor_summary:
+                return
+            from fedimg.successor import successor_summary
+
+            summary = successor_summary(event)
+            if summary is None:
+                return
+            message = summary
+        else:
+            message = to_message(event)
         log.info("%s", message.summary)
         self.send(message)
 
     def send(self, message: OutgoingMessage) -> None:
-        """Journal the message, then try every publisher; failures leave it in the outbox."""
+        """Journal the message, then deliver it (or leave it in the outbox); never raises for delivery."""
         full_topic = self.full_topic(message.topic)
         with self._lock:
             self.catalog.add_message(
                 msg_id=message.msg_id,
                 topic=full_topic,
                 body=message.body,
-                headers={"fedora_messaging_schema": message.topic + ".v1"},
+                headers={"fedora_messaging_schema": message.schema_name},
                 timestamp=message.timestamp,
                 job_id=message.job_id,
                 delivered=not self.publishers,
             )
             self.sent.append(message)
-        delivered = bool(self.publishers)
+        if not self.publishers or self._backlog:
+            return
+        with self._deliver_lock:
+            if self._backlog is None:
+                # The first message of this run: what earlier runs left goes first, in order.
+                self._flush_locked()
+                return
+            if self._backlog:
+                return
+            record = self.catalog.message(message.msg_id)
+            if record is None or record.delivered_at is not None:
+                return
+            outcome = self._deliver(message, full_topic)
+            if outcome == "delivered":
+                self.catalog.mark_delivered(message.msg_id)
+            elif outcome == "retry":
+                self._set_backlog(True)
+
+    def flush_outbox(self) -> FlushResult:
+        """Deliver the waiting messages in journal order, stopping at the first that fails.
+
+        Messages a publisher calls undeliverable are skipped (they stay pending). Returns how many
+        were delivered and how many still wait.
+        """
+        if not self.publishers:
+            return FlushResult(delivered=0, pending=len(self.catalog.pending_messages(limit=10**6)))
+        with self._deliver_lock:
+            return self._flush_locked()
+
+    def close(self) -> None:
+        """Stop the background flush, try the outbox once more, close the publishers."""
+        self._closed.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=60)
+        if self.publishers and self._backlog:
+            result = self.flush_outbox()
+            if result.pending:
+                log.warning(
+                    "%d message(s) wait in the outbox; `fedimg messages --flush` delivers them",
+                    result.pending,
+                )
+        for publisher in self.publishers:
+            closer = getattr(publisher, "close", None)
+            if callable(closer):
+                try:
+                    closer()
+                except Exception as exc:
+                    log.warning("closing publisher %s: %s", publisher.name, exc)
+
+    # --- the outbox ----------------------------------------------------------------------------
+
+    def _deliver(
+        self, message: OutgoingMessage, full_topic: str
+    ) -> Literal["delivered", "retry", "undeliverable"]:
         for publisher in self.publishers:
             try:
                 publisher.publish(message, full_topic=full_topic)
+            except UndeliverableMessage as exc:
+                log.error(
+                    "message %s cannot be delivered: %s: %s", message.msg_id, publisher.name, exc
+                )
+                return "undeliverable"
             except Exception as exc:  # delivery must never fail the upload
-                delivered = False
                 log.warning(
                     "message %s left in the outbox: %s: %s", message.msg_id, publisher.name, exc
                 )
-        if delivered and self.publishers:
-            self.catalog.mark_delivered(message.msg_id)
+                return "retry"
+        return "delivered"
+
+    def _flush_locked(self) -> FlushResult:
+        delivered = 0
+        stopped = False
+        while not stopped:
+            batch = [
+                record
+                for record in self.catalog.pending_messages(limit=self.FLUSH_BATCH)
+                if record.msg_id not in self._undeliverable
+            ]
+            if not batch:
+                break
+            for record in batch:
+                message = OutgoingMessage(
+                    topic=self._bare_topic(record.topic),
+                    body=record.body,
+                    msg_id=record.msg_id,
+                    timestamp=record.timestamp,
+                    job_id=record.job_id,
+                    summary="",
+                    schema=str((record.headers or {}).get("fedora_messaging_schema") or ""),
+                )
+                outcome = self._deliver(message, record.topic)
+                if outcome == "delivered":
+                    self.catalog.mark_delivered(record.msg_id)
+                    delivered += 1
+                elif outcome == "undeliverable":
+                    self._undeliverable.add(record.msg_id)
+                else:
+                    stopped = True
+                    break
+        self._set_backlog(stopped)
+        pending = len(self.catalog.pending_messages(limit=10**6))
+        if delivered:
+            log.info("outbox: %d message(s) delivered, %d waiting", delivered, pending)
+        return FlushResult(
+            delivered=delivered, pending=pending, undeliverable=len(self._undeliverable)
+        )
+
+    def _bare_topic(self, full_topic: str) -> str:
+        prefix = f"{self.topic_prefix}." if self.topic_prefix else ""
+        return full_topic.removeprefix(prefix) if prefix else full_topic
+
+    def _set_backlog(self, waiting: bool) -> None:
+        self._backlog = waiting
+        if waiting and self.flush_interval is not None and not self._closed.is_set():
+            with self._lock:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(
+                        target=self._flush_periodically, name="fedimg-outbox", daemon=True
+                    )
+                    self._flusher.start()
+
+    def _flush_periodically(self) -> None:
+        interval = self.flush_interval or 30.0
+        while not self._closed.wait(interval):
+            if not self._backlog:
+                continue
+            try:
+                self.flush_outbox()
+            except Exception:  # the catalog or a publisher misbehaved: try again next time
+                log.exception("flushing the outbox failed")

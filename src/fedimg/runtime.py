@@ -18,7 +18,10 @@ from fedimg.errors import ConfigError
 from fedimg.messages import Messenger, Publisher, StdoutPublisher
 from fedimg.progress import Progress
 from fedimg.services.ec2.service import EC2Service
+from fedimg.services.ec2.ssh import InstanceSeam
 from fedimg.services.ec2.testing import CommandRunner, TestRunner
+from fedimg.services.ec2.testing_qemu import QemuRunner
+from fedimg.services.ec2.testing_ssh import SshTestRunner
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class Runtime:
     publishers: list[Publisher] = field(default_factory=list)
     embedded: EmbeddedAWS | None = None
     owns_embedded: bool = False
+    #: Where instances are dialled over SSH; None: their EC2 addresses (tests: a local sshd).
+    seam: InstanceSeam | None = None
     _clients: ClientFactory | None = None
     _catalog: Catalog | None = None
     _messenger: Messenger | None = None
@@ -99,20 +104,32 @@ class Runtime:
         """The messenger with the configured publishers (the journal is always on)."""
         if self._messenger is None:
             publishers = list(self.publishers)
-            if "stdout" in self.config.messaging.publishers:
+            messaging = self.config.messaging
+            if "stdout" in messaging.publishers:
                 publishers.append(StdoutPublisher())
+            if "amqp" in messaging.publishers:
+                from fedimg.bus import AmqpPublisher
+
+                publishers.append(AmqpPublisher.from_config(messaging))
             self._messenger = Messenger(
                 catalog=self.catalog,
-                topic_prefix=self.config.messaging.topic_prefix,
+                topic_prefix=messaging.topic_prefix,
                 publishers=publishers,
+                flush_interval=messaging.flush_interval,
+                successor_summary=messaging.successor_summary,
             )
         return self._messenger
 
     def test_runner(self) -> TestRunner:
-        """The configured test runner."""
-        name = self.config.aws.test_runner
+        """The configured test runner (default: ``ssh`` on real AWS, ``command`` elsewhere)."""
+        aws = self.config.aws
+        name = aws.test_runner or ("ssh" if aws.target == "aws" else "command")
         if name == "command":
             return CommandRunner()
+        if name == "ssh":
+            return SshTestRunner(clients=self.clients, settings=aws, seam=self.seam)
+        if name == "qemu":
+            return QemuRunner(clients=self.clients, settings=aws)
         raise ConfigError(f"[aws] test_runner: {name!r} is not available in this version")
 
     def service(self, *, progress: Progress | None = None) -> EC2Service:
@@ -126,10 +143,15 @@ class Runtime:
             runner=self.test_runner() if self.config.aws.test else None,
             progress=progress,
             endpoint_url=endpoint,
+            seam=self.seam,
         )
 
     def close(self) -> None:
         """Stop what was started; release the catalog."""
+        if self._messenger is not None:
+            # Last try at the outbox, then the broker connections close.
+            self._messenger.close()
+            self._messenger = None
         if self._catalog is not None:
             self._catalog.close()
             self._catalog = None
