@@ -490,13 +490,14 @@ def limited_command(command: str, seconds: float) -> str:
     """``command`` under the remote ``timeout(1)``: TERM at ``seconds``, KILL 10 s later.
 
     timeout(1) signals the command's whole process group, so a script's children go too. Without
-    timeout(1) on the host the command runs unbounded there, and this side still gives up.
+    timeout(1) on the host the command runs unbounded there, and this side still gives up. ``-k``,
+    not ``--kill-after``: busybox's timeout (small images) knows only the short option.
     """
     limit = max(1, math.ceil(seconds))
     inner = shlex.quote(command)
     return (
         "if command -v timeout >/dev/null 2>&1; then "
-        f"exec timeout --kill-after=10 {limit} sh -c {inner}; "
+        f"exec timeout -k 10 {limit} sh -c {inner}; "
         f"else exec sh -c {inner}; fi"
     )
 
@@ -580,7 +581,8 @@ class SshSession:
         sender: threading.Thread | None = None
         send_error: list[BaseException] = []
         try:
-            channel = self._transport().open_session(timeout=30)
+            transport = self._transport()
+            channel = transport.open_session(timeout=30)
             channel.set_combine_stderr(True)
             channel.exec_command(limited_command(command, timeout))
             if stdin is None:
@@ -602,6 +604,14 @@ class SshSession:
                     while channel.recv_ready():
                         out.add(channel.recv(65536))
                     break
+                if channel.closed or not transport.is_active():
+                    # Closed without an exit status: killed by a signal, or the connection (or
+                    # the instance) went away.
+                    raise SSHError(
+                        f"{self.label} at {self.address}: the command ended without an exit "
+                        f"status (killed, or the connection was lost); its output: "
+                        f"{out.text()[-2000:]}"
+                    )
                 remaining = deadline - clock()
                 if remaining <= 0:
                     timed_out = True

@@ -14,6 +14,7 @@ environment carries ``FEDIMG_AMI_ID``, ``FEDIMG_REGION``, ``FEDIMG_FLAVOUR``, ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -43,7 +44,7 @@ from fedimg.services.ec2.instances import (
     wait_instance,
 )
 from fedimg.services.ec2.resources import TAG_JOB, TAG_ROLE, LocalTracker, Tracker
-from fedimg.services.ec2.ssh import InstanceSeam, default_seam
+from fedimg.services.ec2.ssh import InstanceSeam, SSHError, SshSession, default_seam
 from fedimg.services.ec2.testing import TestOutcome, TestTarget, script_argv
 
 if TYPE_CHECKING:
@@ -81,8 +82,7 @@ class SshTestRunner:
     def run(self, *, target: TestTarget, script: str, timeout: float) -> TestOutcome:
         """Boot the AMI, run the script on it within ``timeout`` seconds, always terminate."""
         argv = script_argv(script)
-        local = Path(argv[0])
-        payload = local.read_bytes() if local.is_file() else None
+        payload = script_payload(argv)
         started = time.monotonic()
         ami = target.ami
         region = ami.region
@@ -152,49 +152,14 @@ class SshTestRunner:
                 delay=self.poll_interval,
                 sleep=self.sleep,
             ) as session:
-                env = shlex.join(
-                    [
-                        "env",
-                        f"FEDIMG_AMI_ID={ami.ami_id}",
-                        f"FEDIMG_AMI_NAME={ami.name}",
-                        f"FEDIMG_REGION={region}",
-                        f"FEDIMG_FLAVOUR={ami.flavour.name}",
-                        f"FEDIMG_IMAGE_NAME={target.image_name}",
-                        f"FEDIMG_ARCH={target.arch}",
-                    ]
-                )
-                if payload is not None:
-                    remote_dir = f"/tmp/fedimg-test-{secrets.token_hex(8)}"
-                    remote = f"{remote_dir}/{local.name}"
-                    session.mkdir(remote_dir)
-                    session.put(payload, remote, mode=0o700)
-                    command = f"{env} {shlex.join([remote, *argv[1:]])}"
-                    cleanup = f"; status=$?; rm -rf {shlex.quote(remote_dir)}; exit $status"
-                else:
-                    command = f"{env} {shlex.join(argv)}"
-                    cleanup = ""
-                log.info("running the test on %s: %s", instance_id, shlex.join(argv))
-                result = session.run(command + cleanup, timeout=timeout)
-            seconds = round(time.monotonic() - started, 3)
-            if result.timed_out:
-                outcome = TestOutcome(
-                    passed=False,
-                    exit_code=None,
-                    output=result.output,
-                    seconds=seconds,
-                    reason=f"test script timed out after {timeout:.0f}s on {instance_id}",
-                )
-            elif result.exit_code == 0:
-                outcome = TestOutcome(
-                    passed=True, exit_code=0, output=result.output, seconds=seconds, reason="exit 0"
-                )
-            else:
-                outcome = TestOutcome(
-                    passed=False,
-                    exit_code=result.exit_code,
-                    output=result.output,
-                    seconds=seconds,
-                    reason=f"test script exited {result.exit_code} on {instance_id}",
+                outcome = run_test_script(
+                    session,
+                    target=target,
+                    argv=argv,
+                    payload=payload,
+                    timeout=timeout,
+                    where=instance_id,
+                    started=started,
                 )
         except ConfigError:
             raise
@@ -262,9 +227,83 @@ class SshTestRunner:
         return leftovers
 
 
+def script_payload(argv: list[str]) -> bytes | None:
+    """The test script's bytes when its first word is a local file (it is copied over), else None."""
+    local = Path(argv[0])
+    return local.read_bytes() if local.is_file() else None
+
+
+def run_test_script(
+    session: SshSession,
+    *,
+    target: TestTarget,
+    argv: list[str],
+    payload: bytes | None,
+    timeout: float,
+    where: str,
+    started: float,
+) -> TestOutcome:
+    """Run the test script over ``session`` within ``timeout`` seconds; exit 0 = pass.
+
+    With a ``payload`` (:func:`script_payload`) the script is copied into a fresh ``/tmp``
+    directory, run with the rest of ``argv`` and removed; otherwise ``argv`` runs as a command
+    line. ``where`` names the machine in the reason; ``started`` (``time.monotonic()``) is when
+    the test began. Raises :class:`SSHError` if the connection fails.
+    """
+    ami = target.ami
+    env = shlex.join(
+        [
+            "env",
+            f"FEDIMG_AMI_ID={ami.ami_id}",
+            f"FEDIMG_AMI_NAME={ami.name}",
+            f"FEDIMG_REGION={ami.region}",
+            f"FEDIMG_FLAVOUR={ami.flavour.name}",
+            f"FEDIMG_IMAGE_NAME={target.image_name}",
+            f"FEDIMG_ARCH={target.arch}",
+        ]
+    )
+    remote_dir: str | None = None
+    if payload is not None:
+        remote_dir = f"/tmp/fedimg-test-{secrets.token_hex(8)}"
+        remote = f"{remote_dir}/{Path(argv[0]).name}"
+        session.mkdir(remote_dir)
+        session.put(payload, remote, mode=0o700)
+        command = f"{env} {shlex.join([remote, *argv[1:]])}"
+    else:
+        command = f"{env} {shlex.join(argv)}"
+    log.info("running the test on %s: %s", where, shlex.join(argv))
+    try:
+        result = session.run(command, timeout=timeout)
+    finally:
+        if remote_dir is not None:
+            # Its own command, so that a script killed at its limit is removed too.
+            with contextlib.suppress(SSHError):
+                session.run(f"rm -rf {shlex.quote(remote_dir)}", timeout=30)
+    seconds = round(time.monotonic() - started, 3)
+    if result.timed_out:
+        return TestOutcome(
+            passed=False,
+            exit_code=None,
+            output=result.output,
+            seconds=seconds,
+            reason=f"test script timed out after {timeout:.0f}s on {where}",
+        )
+    if result.exit_code == 0:
+        return TestOutcome(
+            passed=True, exit_code=0, output=result.output, seconds=seconds, reason="exit 0"
+        )
+    return TestOutcome(
+        passed=False,
+        exit_code=result.exit_code,
+        output=result.output,
+        seconds=seconds,
+        reason=f"test script exited {result.exit_code} on {where}",
+    )
+
+
 def _token(job: str, ami_id: str, role: str) -> str:
     """A ClientToken (at most 64 ASCII characters) for ``role`` in this job and AMI."""
     return hashlib.sha256(f"{job}:{ami_id}:{role}".encode()).hexdigest()[:64]
 
 
-__all__ = ["SshTestRunner"]
+__all__ = ["SshTestRunner", "run_test_script", "script_payload"]
