@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedimg.aws import ClientFactory, EventHook, TargetSpec
-from fedimg.catalog import Catalog
 from fedimg.config import Config
 from fedimg.embedded import EmbeddedAWS
 from fedimg.errors import ConfigError
-from fedimg.messages import Messenger, Publisher, StdoutPublisher
-from fedimg.progress import Progress
-from fedimg.services.ec2.service import EC2Service
-from fedimg.services.ec2.ssh import InstanceSeam
-from fedimg.services.ec2.testing import CommandRunner, TestRunner
-from fedimg.services.ec2.testing_qemu import QemuRunner
-from fedimg.services.ec2.testing_ssh import SshTestRunner
+
+# The heavy parts (SQLAlchemy, paramiko, the orchestrator) are imported when first used, so a
+# command that needs only the uploader (``fedimg snapshot``) starts fast.
+if TYPE_CHECKING:
+    from fedimg.catalog import Catalog
+    from fedimg.messages import Messenger, Publisher
+    from fedimg.progress import Progress
+    from fedimg.services.ec2.service import EC2Service
+    from fedimg.services.ec2.ssh import InstanceSeam
+    from fedimg.services.ec2.testing import TestRunner
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class Runtime:
     def catalog(self) -> Catalog:
         """The catalog (created on first use)."""
         if self._catalog is None:
+            from fedimg.catalog import Catalog
+
             self._catalog = Catalog(self.config.catalog_url())
         return self._catalog
 
@@ -103,6 +107,8 @@ class Runtime:
     def messenger(self) -> Messenger:
         """The messenger with the configured publishers (the journal is always on)."""
         if self._messenger is None:
+            from fedimg.messages import Messenger, StdoutPublisher
+
             publishers = list(self.publishers)
             messaging = self.config.messaging
             if "stdout" in messaging.publishers:
@@ -125,15 +131,23 @@ class Runtime:
         aws = self.config.aws
         name = aws.test_runner or ("ssh" if aws.target == "aws" else "command")
         if name == "command":
+            from fedimg.services.ec2.testing import CommandRunner
+
             return CommandRunner()
         if name == "ssh":
+            from fedimg.services.ec2.testing_ssh import SshTestRunner
+
             return SshTestRunner(clients=self.clients, settings=aws, seam=self.seam)
         if name == "qemu":
+            from fedimg.services.ec2.testing_qemu import QemuRunner
+
             return QemuRunner(clients=self.clients, settings=aws)
         raise ConfigError(f"[aws] test_runner: {name!r} is not available in this version")
 
     def service(self, *, progress: Progress | None = None) -> EC2Service:
         """The EC2 service for this runtime."""
+        from fedimg.services.ec2.service import EC2Service
+
         endpoint = self.spec.endpoint_url
         return EC2Service(
             config=self.config,
