@@ -5,7 +5,6 @@ The "EC2" and user identities are throw-away self-signed RSA certificates made p
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import hashlib
 import io
@@ -25,7 +24,6 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.x509.oid import NameOID
 
 from fedimg.errors import InputError
 from fedimg.services.ec2 import bundle as bundle_module
@@ -37,16 +35,10 @@ from fedimg.services.ec2.bundle import (
     build_bundle,
     unbundle,
 )
+from tests.certs import Identity, make_identity
 
 MIB = 1024 * 1024
 ACCOUNT = "123456789012"
-
-
-@dataclass(frozen=True)
-class Identity:
-    cert_pem: bytes
-    key_pem: bytes
-    key: rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True)
@@ -56,32 +48,12 @@ class Identities:
     stranger: Identity
 
 
-def _identity(common_name: str) -> Identity:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    return Identity(cert.public_bytes(serialization.Encoding.PEM), key_pem, key)
-
-
 @pytest.fixture(scope="session")
 def identities() -> Identities:
     return Identities(
-        ec2=_identity("ec2 (test)"), user=_identity("user (test)"), stranger=_identity("stranger")
+        ec2=make_identity("ec2 (test)"),
+        user=make_identity("user (test)"),
+        stranger=make_identity("stranger"),
     )
 
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from fedimg.aws import ClientFactory
 from fedimg.config import AmiAttributeSettings, Config
@@ -29,6 +24,7 @@ from fedimg.services.ec2.flavours import (
 )
 from fedimg.services.ec2.service import PublishRequest, PublishResult
 from fedimg.source import resolve_source
+from tests.certs import make_identity
 from tests.conftest import Recorder, leaked, make_config
 
 REGIONS = ["us-east-1", "eu-west-1", "ap-northeast-1"]
@@ -48,28 +44,11 @@ SHARE = ["210987654321"]
 
 
 def _identity(tmp_path: Path, name: str) -> tuple[Path, Path, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
+    identity = make_identity(name)
     cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key_pem)
-    return cert_path, key_path, key_pem
+    cert_path.write_bytes(identity.cert_pem)
+    key_path.write_bytes(identity.key_pem)
+    return cert_path, key_path, identity.key_pem
 
 
 @pytest.fixture
