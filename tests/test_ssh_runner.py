@@ -7,6 +7,8 @@ The key fedimg imports is authorised on that server as the ImportKeyPair request
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import stat
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 
 from fedimg.aws import ClientFactory
+from fedimg.catalog import Base
 from fedimg.config import Config
 from fedimg.runtime import Runtime
 from fedimg.sampleimage import SampleImage
@@ -96,7 +99,9 @@ def test_passing_script_runs_on_the_test_instance_and_everything_is_removed(
     recorder: Recorder,
     clients: ClientFactory,
     sshd: LocalSshd,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="fedimg")
     marker = tmp_path / "ran"
     test = script(
         tmp_path,
@@ -167,6 +172,13 @@ def test_passing_script_runs_on_the_test_instance_and_everything_is_removed(
     assert ("test", "completed") in kinds
     assert leaked(clients, [REGION]) == []
     assert clients.ec2(REGION).describe_key_pairs()["KeyPairs"] == []
+
+    # The temporary private key never shows: not in the logs, messages or any catalog row.
+    assert "PRIVATE KEY" not in caplog.text
+    with runtime.catalog.engine.connect() as connection:
+        for table in Base.metadata.sorted_tables:
+            for row in connection.execute(table.select()):
+                assert "PRIVATE KEY" not in json.dumps([str(v) for v in row])
 
 
 def test_failing_script_fails_the_job_with_its_output_and_removes_everything(
