@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -311,4 +312,9 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_dash_m_and_console_script_exist() -> None:
-    assert shutil.which("fedimg") is not None
+    script = Path(sys.executable).parent / "fedimg"
+    assert script.is_file()
+    for argv in ([str(script), "--version"], [sys.executable, "-m", "fedimg", "--version"]):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("fedimg ")

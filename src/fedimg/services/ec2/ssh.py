@@ -582,7 +582,7 @@ class SshSession:
         send_error: list[BaseException] = []
         try:
             transport = self._transport()
-            channel = transport.open_session(timeout=30)
+            channel = self._open_session()
             channel.set_combine_stderr(True)
             channel.exec_command(limited_command(command, timeout))
             if stdin is None:
@@ -642,14 +642,38 @@ class SshSession:
             exit_code=exit_code, output=out.text(), seconds=seconds, timed_out=timed_out
         )
 
+    def _open_session(self, attempts: int = 5) -> paramiko.Channel:
+        """A session channel; refusals ("Unable to open channel", seen from small SSH daemons
+        while a previous channel is still being torn down) get a few more tries."""
+        transport = self._transport()
+        for attempt in range(1, attempts + 1):
+            try:
+                return transport.open_session(timeout=30)
+            except paramiko.ChannelException:
+                if attempt == attempts:
+                    raise
+                time.sleep(attempt)
+        raise AssertionError("unreachable")
+
+    def _open_sftp(self, attempts: int = 5) -> paramiko.SFTPClient:
+        """An SFTP session; a server that refuses the channel just after boot (a busy or
+        still-starting SSH daemon says "Unable to open channel") gets a few more tries."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._client.open_sftp()
+            except paramiko.ChannelException as exc:
+                if attempt == attempts:
+                    raise SSHError(f"{self.label} at {self.address}: SFTP failed: {exc}") from exc
+                time.sleep(attempt)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise SSHError(f"{self.label} at {self.address}: SFTP failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
     def put(
         self, data: bytes, remote_path: str, *, mode: int = 0o700, timeout: float = 120.0
     ) -> None:
         """Write ``data`` to ``remote_path`` over SFTP with ``mode``."""
-        try:
-            sftp = self._client.open_sftp()
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise SSHError(f"{self.label} at {self.address}: SFTP failed: {exc}") from exc
+        sftp = self._open_sftp()
         try:
             channel = sftp.get_channel()
             if channel is not None:
@@ -665,8 +689,8 @@ class SshSession:
 
     def mkdir(self, remote_path: str, *, mode: int = 0o700) -> None:
         """Create a directory over SFTP."""
+        sftp = self._open_sftp()
         try:
-            sftp = self._client.open_sftp()
             try:
                 sftp.mkdir(remote_path, mode)
             finally:
