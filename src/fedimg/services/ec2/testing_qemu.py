@@ -559,25 +559,43 @@ class QemuRunner:
             if settings.host_key_policy == "console":
                 host_keys = self._console_host_keys(console, deadline, label, sleep)
                 options = replace(options, host_keys=host_keys)
-            session = connect(
-                address=Address(host="127.0.0.1", port=port),
-                options=options,
-                timeout=max(1.0, deadline - self.clock()),
-                label=label,
-                retry_delay=1.0,
-                sleep=sleep,
-                clock=self.clock,
-            )
+
+            def login() -> SshSession:
+                return connect(
+                    address=Address(host="127.0.0.1", port=port),
+                    options=options,
+                    timeout=max(1.0, deadline - self.clock()),
+                    label=label,
+                    retry_delay=1.0,
+                    sleep=sleep,
+                    clock=self.clock,
+                )
+
+            session = login()
             log.info("%s answered SSH %.1fs after QEMU started", label, self.clock() - booted)
-            return run_test_script(
-                session,
-                target=target,
-                argv=argv,
-                payload=payload,
-                timeout=timeout,
-                where=label,
-                started=started,
-            )
+            for attempt in (1, 2):
+                try:
+                    return run_test_script(
+                        session,
+                        target=target,
+                        argv=argv,
+                        payload=payload,
+                        timeout=timeout,
+                        where=label,
+                        started=started,
+                    )
+                except SSHError as exc:
+                    # A guest still settling after boot (TCG is slow) sometimes drops the first
+                    # connection ("Unable to open channel", "Channel closed"); the VM is ours
+                    # and throw-away, so log in again once and run the script afresh. A script
+                    # that fails is not an SSHError and is never retried.
+                    if attempt == 2:
+                        raise
+                    log.warning("%s: %s; logging in again", label, exc)
+                    session.close()
+                    sleep(2.0)
+                    session = login()
+            raise AssertionError("unreachable")
         finally:
             self._stop(proc, session, label)
 
@@ -585,9 +603,11 @@ class QemuRunner:
         self, console: Path, deadline: float, label: str, sleep: Callable[[float], None]
     ) -> ConsoleHostKeys:
         while True:
-            found = parse_console_host_keys(read_console(console))
+            text = read_console(console)
+            found = parse_console_host_keys(text)
             if not found.empty:
                 log.info("host keys of %s from its console: %s", label, found.describe())
+                self._await_boot_finished(console, deadline, label, sleep)
                 return found
             if self.clock() >= deadline:
                 raise QemuError(
@@ -596,6 +616,19 @@ class QemuRunner:
                     "not boot, or did not run cloud-init with the NoCloud seed"
                 )
             sleep(CONSOLE_POLL)
+
+    def _await_boot_finished(
+        self, console: Path, deadline: float, label: str, sleep: Callable[[float], None]
+    ) -> None:
+        """Wait (a little) for cloud-init's "finished" line: the host keys are printed while the
+        guest is still bringing its services up, and a login then can be dropped. Images that
+        never print the line are given BOOT_SETTLE seconds, then tried anyway."""
+        limit = min(deadline, self.clock() + BOOT_SETTLE)
+        while self.clock() < limit:
+            if FINISHED_LINE.search(read_console(console)):
+                return
+            sleep(CONSOLE_POLL)
+        log.info("%s: no cloud-init 'finished' line yet; trying SSH anyway", label)
 
     def _stop(self, proc: subprocess.Popen[bytes], session: SshSession | None, label: str) -> None:
         """Power the guest off (if logged in), wait the grace period, then kill QEMU by PID."""
@@ -617,6 +650,12 @@ class QemuRunner:
             proc.wait()
             if session is not None:
                 session.close()
+
+
+#: cloud-init's last console line ("Cloud-init v. 24.1 finished at ...").
+FINISHED_LINE = re.compile(r"Cloud-init v\. \S+ finished at")
+#: Seconds to wait for that line once the host keys are on the console.
+BOOT_SETTLE = 60.0
 
 
 __all__ = [
