@@ -138,12 +138,11 @@ def legacy_body(event: StepEvent) -> tuple[str, dict[str, Any]]:
 
 def summarise(event: StepEvent) -> str:
     """One line for logs: what happened, where, to which AMI."""
-    what = {"upload": "upload", "test": "test", "copy": "copy", "publish": "publish"}[event.step]
     details = ", ".join(
         str(part) for part in (event.ami_id, event.virt_type, event.vol_type) if part
     )
     suffix = f" ({details})" if details else ""
-    return f"{event.image.name} {what} {event.status} in {event.region}{suffix}"
+    return f"{event.image.name} {event.step} {event.status} in {event.region}{suffix}"
 
 
 def to_message(event: StepEvent) -> OutgoingMessage:

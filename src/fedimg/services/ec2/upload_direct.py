@@ -107,8 +107,6 @@ class _Shared:
 
     digests: dict[int, bytes] = field(default_factory=dict)
     error: BaseException | None = None
-    in_flight: int = 0
-    peak_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -326,9 +324,6 @@ def _worker(
         if shared.error is not None:
             continue  # drain: another block already failed
         index, block = item
-        with shared.lock:
-            shared.in_flight += 1
-            shared.peak_in_flight = max(shared.peak_in_flight, shared.in_flight)
         try:
             digest = hashlib.sha256(block).digest()
             put_block(
@@ -346,9 +341,6 @@ def _worker(
             with shared.lock:
                 if shared.error is None:
                     shared.error = exc
-        finally:
-            with shared.lock:
-                shared.in_flight -= 1
 
 
 def put_block(
