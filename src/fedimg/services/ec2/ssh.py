@@ -28,9 +28,10 @@ import math
 import re
 import select
 import shlex
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -669,36 +670,68 @@ class SshSession:
                 raise SSHError(f"{self.label} at {self.address}: SFTP failed: {exc}") from exc
         raise AssertionError("unreachable")
 
-    def put(
-        self, data: bytes, remote_path: str, *, mode: int = 0o700, timeout: float = 120.0
-    ) -> None:
-        """Write ``data`` to ``remote_path`` over SFTP with ``mode``."""
+    @contextlib.contextmanager
+    def files(self, *, timeout: float = 120.0) -> Iterator[RemoteFiles]:
+        """One SFTP session for several file operations, closed on leaving the block.
+
+        Keep it open while other commands run: some SSH daemons (dropbear) end the whole
+        connection when its last channel closes, and under load that can happen between one
+        channel's close and the next one's open. One long-lived SFTP channel also saves a
+        subsystem start per operation.
+        """
         sftp = self._open_sftp()
         try:
             channel = sftp.get_channel()
             if channel is not None:
                 channel.settimeout(timeout)
-            sftp.putfo(io.BytesIO(data), remote_path, file_size=len(data), confirm=True)
-            sftp.chmod(remote_path, mode)
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise SSHError(
-                f"{self.label} at {self.address}: SFTP upload to {remote_path} failed: {exc}"
-            ) from exc
+            yield RemoteFiles(sftp, label=f"{self.label} at {self.address}")
         finally:
-            sftp.close()
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                sftp.close()
+
+
+class RemoteFiles:
+    """File operations over one open SFTP session (:meth:`SshSession.files`); each raises
+    :class:`SSHError` naming the path on failure."""
+
+    def __init__(self, sftp: paramiko.SFTPClient, *, label: str) -> None:
+        self._sftp = sftp
+        self.label = label
+
+    @contextlib.contextmanager
+    def _failing_as(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise SSHError(f"{self.label}: SFTP {what} failed: {exc}") from exc
 
     def mkdir(self, remote_path: str, *, mode: int = 0o700) -> None:
-        """Create a directory over SFTP."""
-        sftp = self._open_sftp()
+        """Create the directory ``remote_path`` with ``mode``."""
+        with self._failing_as(f"mkdir {remote_path}"):
+            self._sftp.mkdir(remote_path, mode)
+
+    def put(self, data: bytes, remote_path: str, *, mode: int = 0o700) -> None:
+        """Write ``data`` to ``remote_path`` (its size confirmed) with ``mode``."""
+        with self._failing_as(f"upload to {remote_path}"):
+            self._sftp.putfo(io.BytesIO(data), remote_path, file_size=len(data), confirm=True)
+            self._sftp.chmod(remote_path, mode)
+
+    def remove_tree(self, remote_path: str) -> None:
+        """Remove ``remote_path`` and everything under it (a missing path is not an error)."""
+        with self._failing_as(f"removing {remote_path}"):
+            self._remove_tree(remote_path)
+
+    def _remove_tree(self, path: str) -> None:
         try:
-            try:
-                sftp.mkdir(remote_path, mode)
-            finally:
-                sftp.close()
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise SSHError(
-                f"{self.label} at {self.address}: SFTP mkdir {remote_path} failed: {exc}"
-            ) from exc
+            attrs = self._sftp.lstat(path)
+        except FileNotFoundError:
+            return
+        if attrs.st_mode is not None and stat.S_ISDIR(attrs.st_mode):
+            for name in self._sftp.listdir(path):
+                self._remove_tree(f"{path.rstrip('/')}/{name}")
+            self._sftp.rmdir(path)
+        else:
+            self._sftp.remove(path)
 
 
 def _send_all(
@@ -725,6 +758,7 @@ __all__ = [
     "ConsoleHostKeys",
     "HostKeyError",
     "InstanceSeam",
+    "RemoteFiles",
     "SSHError",
     "SSHTimeout",
     "SshOptions",

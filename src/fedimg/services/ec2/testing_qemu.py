@@ -634,14 +634,17 @@ class QemuRunner:
         """Power the guest off (if logged in), wait the grace period, then kill QEMU by PID."""
         try:
             if session is not None and proc.poll() is None:
+                asked = False
                 with contextlib.suppress(SSHError):
                     session.run(
                         'if [ "$(id -u)" = 0 ]; then poweroff; else sudo -n poweroff; fi',
                         timeout=10,
                     )
+                    asked = True
                 session.close()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=self.settings.qemu_poweroff_grace)
+                if asked:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=self.settings.qemu_poweroff_grace)
         finally:
             if proc.poll() is None:
                 log.info("%s: killing QEMU (pid %d)", label, proc.pid)

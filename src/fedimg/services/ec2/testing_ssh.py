@@ -262,23 +262,22 @@ def run_test_script(
             f"FEDIMG_ARCH={target.arch}",
         ]
     )
-    remote_dir: str | None = None
-    if payload is not None:
+    log.info("running the test on %s: %s", where, shlex.join(argv))
+    if payload is None:
+        result = session.run(f"{env} {shlex.join(argv)}", timeout=timeout)
+    else:
         remote_dir = f"/tmp/fedimg-test-{secrets.token_hex(8)}"
         remote = f"{remote_dir}/{Path(argv[0]).name}"
-        session.mkdir(remote_dir)
-        session.put(payload, remote, mode=0o700)
-        command = f"{env} {shlex.join([remote, *argv[1:]])}"
-    else:
-        command = f"{env} {shlex.join(argv)}"
-    log.info("running the test on %s: %s", where, shlex.join(argv))
-    try:
-        result = session.run(command, timeout=timeout)
-    finally:
-        if remote_dir is not None:
-            # Its own command, so that a script killed at its limit is removed too.
-            with contextlib.suppress(SSHError):
-                session.run(f"rm -rf {shlex.quote(remote_dir)}", timeout=30)
+        # The SFTP session stays open while the script runs: see SshSession.files.
+        with session.files() as files:
+            files.mkdir(remote_dir)
+            try:
+                files.put(payload, remote, mode=0o700)
+                result = session.run(f"{env} {shlex.join([remote, *argv[1:]])}", timeout=timeout)
+            finally:
+                # Also after a script killed at its limit; a lost connection leaves it to /tmp.
+                with contextlib.suppress(SSHError):
+                    files.remove_tree(remote_dir)
     seconds = round(time.monotonic() - started, 3)
     if result.timed_out:
         return TestOutcome(
