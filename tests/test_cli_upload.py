@@ -174,6 +174,8 @@ def _truncated(image: Path, target: Path) -> Path:
         ("instance-store-without-bundle", 2, "need [aws.bundle]"),
         ("ami-line-bad-id", 2, "is not an AMI id"),
         ("preflight-block-public-access", 2, "image block public access is on"),
+        ("before-upload-without-test", 2, "--before-upload: no test script is configured"),
+        ("config-before-upload-without-test", 2, "test_before_upload: needs a test script"),
     ],
 )
 def test_bad_input_gives_one_line_exit_code_failed_message_and_no_leak(
@@ -267,6 +269,10 @@ def test_bad_input_gives_one_line_exit_code_failed_message_and_no_leak(
         extra = "flavours = ['hvm-instance-store']\n"
     elif case == "ami-line-bad-id":
         extra = "amis = ['us-east-1|x86_64|image-12345678|aki-12345678']\n"
+    elif case == "before-upload-without-test":
+        args = ["--before-upload"]
+    elif case == "config-before-upload-without-test":
+        extra = "test_before_upload = true\n"
     elif case == "preflight-block-public-access":
         clients.ec2("eu-west-1").enable_image_block_public_access(
             ImageBlockPublicAccessState="block-new-sharing"

@@ -213,6 +213,88 @@ def test_image_that_does_not_boot_fails_within_the_boot_timeout_with_the_console
     assert recorder.of("CopySnapshot") == []
 
 
+@pytest.mark.slow
+def test_before_upload_a_source_that_fails_its_test_uploads_nothing(
+    tmp_path: Path,
+    runtime_factory: Callable[[Config], Runtime],
+    bootable: Path,
+    recorder: Recorder,
+    clients: ClientFactory,
+) -> None:
+    test = script(tmp_path, 'echo "stage=$FEDIMG_TEST_STAGE ami=${FEDIMG_AMI_ID:-none}"; exit 7')
+    # The gate boots under QEMU whatever runner tests the AMIs afterwards.
+    config = qemu_config(tmp_path, test, test_runner="command", test_before_upload=True)
+    result, runtime = publish(runtime_factory, config, bootable)
+
+    assert result.status == "failed"
+    assert result.exit_code == 1
+    assert "test of the source image" in (result.error or "")
+    assert "nothing was uploaded" in (result.error or "")
+    for operation in ("StartSnapshot", "ImportSnapshot", "RunInstances", "RegisterImage"):
+        assert recorder.of(operation) == [], operation
+    failed = failed_messages(runtime)
+    assert failed and {m.topic for m in failed} == {"fedimg.image.upload"}
+    data = failed[0].body["extra"]["data"]
+    assert "stage=source ami=none" in data  # the script ran in the booted source image
+    assert "--- console of the QEMU guest" in data
+    assert not [m for m in runtime.messenger.sent if m.topic == "fedimg.image.test"]
+    assert result.job_id is not None
+    steps = {step.name: step.status for step in runtime.catalog.steps(result.job_id)}
+    assert steps == {"boot-test": "failed"}
+    assert leaked(clients, REGIONS) == []
+
+
+@pytest.mark.slow
+def test_before_upload_a_passing_source_is_published_and_booted_once(
+    tmp_path: Path,
+    runtime_factory: Callable[[Config], Runtime],
+    bootable: Path,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    test = script(tmp_path, '[ "$FEDIMG_TEST_STAGE" = source ] && [ -z "${FEDIMG_AMI_ID:-}" ]')
+    caplog.set_level(logging.INFO, logger="fedimg.services.ec2.testing_qemu")
+    config = qemu_config(tmp_path, test, qemu_disk="source", test_before_upload=True)
+    result, runtime = publish(runtime_factory, config, bootable)
+
+    assert result.status == "published", result.error
+    assert len(recorder.of("StartSnapshot")) == 1
+    # The AMIs' qemu test would boot the same source bytes again: it is not repeated.
+    answered = [r.getMessage() for r in caplog.records if "answered SSH" in r.getMessage()]
+    assert len(answered) == 1, answered
+    assert recorder.of("GetSnapshotBlock") == []
+    assert result.job_id is not None
+    names = [step.name for step in runtime.catalog.steps(result.job_id)]
+    assert names[:3] == ["boot-test", "upload", "register"]
+
+
+def test_arm64_boots_on_the_virt_machine_with_uefi_firmware(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = tmp_path / "qemu-system-aarch64"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    firmware = tmp_path / "QEMU_EFI.fd"
+    firmware.write_bytes(b"\0" * 64)
+    real_tool = testing_qemu._tool
+    monkeypatch.setattr(
+        testing_qemu,
+        "_tool",
+        lambda name: str(binary) if name == "qemu-system-aarch64" else real_tool(name),
+    )
+    monkeypatch.setattr(testing_qemu, "_AARCH64_FIRMWARE", ("/nonexistent/AAVMF.fd", str(firmware)))
+
+    machine = testing_qemu.machine_for("arm64", "auto")
+    assert machine.binary == str(binary)
+    assert machine.args == ("-M", "virt", "-bios", str(firmware), "-cpu", "max")
+    # The KVM probe is x86 code: an arm64 guest gets KVM only when asked for.
+    assert machine.accel == "tcg"
+    assert testing_qemu.machine_for("arm64", "kvm").args[-2:] == ("-cpu", "host")
+
+    monkeypatch.setattr(testing_qemu, "_AARCH64_FIRMWARE", ("/nonexistent/AAVMF.fd",))
+    with pytest.raises(testing_qemu.QemuError, match="no UEFI firmware"):
+        testing_qemu.machine_for("arm64", "auto")
+
+
 def test_arm64_image_without_qemu_system_aarch64_fails_clearly(
     tmp_path: Path,
     runtime_factory: Callable[[Config], Runtime],

@@ -80,6 +80,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if args.method:
         aws = config.aws.model_copy(update={"upload_method": args.method})
         config = config.model_copy(update={"aws": aws})
+    if args.before_upload:
+        if not config.aws.test:
+            error = ConfigError("--before-upload: no test script is configured ([aws] test)")
+            _announce_rejection(args, config, error)
+            raise error
+        aws = config.aws.model_copy(update={"test_before_upload": True})
+        config = config.model_copy(update={"aws": aws})
     try:
         source = resolve_source(args.source, arch=args.arch)
         expected = _expected_sha256(args, source.location)
@@ -602,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["direct", "utility"],
         help="how the image becomes a snapshot: EBS direct APIs, or a utility instance that "
         "writes it onto a volume (default: [aws] upload_method)",
+    )
+    upload.add_argument(
+        "--before-upload",
+        action="store_true",
+        help="boot the source image under QEMU and run the test script in it first; upload "
+        "only if it passes (default: [aws] test_before_upload)",
     )
     upload.add_argument("--json", action="store_true", help="print one JSON object")
     progress_option(upload)

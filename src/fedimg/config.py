@@ -229,6 +229,12 @@ class AwsSettings(_Model):
         "'command' (this machine) on other targets",
     )
     test_timeout: float = Field(default=600.0, gt=0, description="Seconds the test may run")
+    test_before_upload: bool = Field(
+        default=False,
+        description="Boot the source image under QEMU and run the test script in it before "
+        "anything is uploaded (a cheap gate, whatever test_runner is); a failure stops the job "
+        "with nothing created in AWS",
+    )
     qemu_disk: Literal["auto", "snapshot", "source"] = Field(
         default="auto",
         description="qemu runner: the disk it boots; snapshot: the AMI's root snapshot read back "
@@ -332,6 +338,8 @@ class AwsSettings(_Model):
     def _endpoint_needs_url(self) -> AwsSettings:
         if self.target == "endpoint" and not self.endpoint_url:
             raise ValueError("endpoint_url: required when target = 'endpoint'")
+        if self.test_before_upload and not self.test:
+            raise ValueError("test_before_upload: needs a test script ([aws] test)")
         return self
 
     @field_validator("base_region")

@@ -144,6 +144,15 @@ class Runtime:
             return QemuRunner(clients=self.clients, settings=aws)
         raise ConfigError(f"[aws] test_runner: {name!r} is not available in this version")
 
+    def source_gate(self) -> TestRunner | None:
+        """The runner that tests the source image before upload (``test_before_upload``)."""
+        aws = self.config.aws
+        if not (aws.test_before_upload and aws.test):
+            return None
+        from fedimg.services.ec2.testing_qemu import QemuRunner
+
+        return QemuRunner(clients=self.clients, settings=aws)
+
     def service(self, *, progress: Progress | None = None) -> EC2Service:
         """The EC2 service for this runtime."""
         from fedimg.services.ec2.service import EC2Service
@@ -155,6 +164,7 @@ class Runtime:
             catalog=self.catalog,
             messenger=self.messenger,
             runner=self.test_runner() if self.config.aws.test else None,
+            gate=self.source_gate(),
             progress=progress,
             endpoint_url=endpoint,
             seam=self.seam,

@@ -212,12 +212,15 @@ class EC2Service:
         progress: Progress | None = None,
         endpoint_url: str | None = None,
         seam: InstanceSeam | None = None,
+        gate: TestRunner | None = None,
     ) -> None:
         self.config = config
         self.clients = clients
         self.catalog = catalog
         self.messenger = messenger
         self.runner = runner
+        #: Tests the source image before upload (``test_before_upload``): the qemu runner.
+        self.gate = gate
         self.progress = progress or NullProgress()
         self.endpoint_url = endpoint_url
         #: Set it (e.g. from a SIGTERM handler) to stop starting new regions; the job then
@@ -487,6 +490,8 @@ class _JobRun:
         self.copies = {"snapshot": 0, "image": 0}
         self.upload: DirectUploadResult | None = None
         self.failed_regions: list[str] = []
+        #: The source image passed the boot test before upload (this run or a resumed one).
+        self.pretested = False
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -561,6 +566,11 @@ class _JobRun:
             if state:
                 self.restore(state, only_failed_regions=only_failed_regions)
             self.step = "upload"
+            if self.upload is None and self.s.gate is not None and not state.get("pretested"):
+                # Before anything exists in AWS: a failure here leaves nothing to clean up.
+                self.timed_step("boot-test", self.base, self.test_source)
+                self.pretested = True
+                self.s.catalog.update_job(self.job_id, state={"pretested": True})
             if self.upload is None:
                 self.emit_for_flavours("upload", "started", self.base)
                 self.upload = self.timed_step("upload", self.base, self.upload_image)
@@ -611,6 +621,7 @@ class _JobRun:
             done |= {r for r in self.regions[1:] if r not in failed}
         self.done_regions = done
         self.published = set(state.get("published", []))
+        self.pretested = bool(state.get("pretested"))
         for row in self.s.catalog.amis(AmiFilter(job_id=self.job_id)):
             if row.state == "deleted" or row.region not in done:
                 continue
@@ -854,6 +865,46 @@ class _JobRun:
             state="registered",
         )
 
+    def test_target(self, ami: RegisteredAmi | None) -> TestTarget:
+        source = self.request.source
+        return TestTarget(
+            ami=ami,
+            image_name=self.image.name,
+            image_url=self.image.url,
+            image_path=str(source.path) if source.path else None,
+            arch=self.image.arch,
+            endpoint_url=self.s.endpoint_url,
+            job_id=self.job_id,
+            tags=self.base_tags(),
+            tracker=self.ledger,
+        )
+
+    def test_source(self) -> None:
+        """The gate before upload: the source image boots and passes the test script.
+
+        No ``image.test`` message: its schema needs an AMI id, and there is none yet. A failure
+        fails the job at its upload step (``image.upload failed`` with the test's output).
+        """
+        assert self.s.gate is not None and self.config.aws.test
+        log.info("testing the source image %s before upload", self.image.name)
+        outcome = self.s.gate.run(
+            target=self.test_target(None),
+            script=self.config.aws.test,
+            timeout=self.config.aws.test_timeout,
+        )
+        if not outcome.passed:
+            raise EC2TestException(
+                f"test of the source image {self.image.name} before upload failed: "
+                f"{outcome.reason}; nothing was uploaded",
+                output=outcome.output,
+            )
+        log.info("the source image passed its test in %.1fs; uploading", outcome.seconds)
+
+    def qemu_boots_snapshot(self, ami: RegisteredAmi) -> bool:
+        from fedimg.services.ec2.testing_qemu import boots_snapshot
+
+        return boots_snapshot(self.config.aws, ami)
+
     def test(self) -> None:
         script = self.config.aws.test
         runner = self.s.runner
@@ -864,21 +915,14 @@ class _JobRun:
         tested: dict[tuple[str, str], RegisteredAmi] = {}
         for ami in self.amis:
             tested.setdefault((ami.flavour.virtualization, ami.flavour.storage), ami)
-        source = self.request.source
         for ami in tested.values():
+            if self.pretested and runner.name == "qemu" and not self.qemu_boots_snapshot(ami):
+                # The qemu runner would boot the very bytes the gate booted before upload.
+                log.info("%s: the source image it boots passed before upload", ami.ami_id)
+                continue
             self.emit_for_ami("test", "started", ami)
             outcome = runner.run(
-                target=TestTarget(
-                    ami=ami,
-                    image_name=self.image.name,
-                    image_url=self.image.url,
-                    image_path=str(source.path) if source.path else None,
-                    arch=self.image.arch,
-                    endpoint_url=self.s.endpoint_url,
-                    job_id=self.job_id,
-                    tags=self.base_tags(),
-                    tracker=self.ledger,
-                ),
+                target=self.test_target(ami),
                 script=script,
                 timeout=self.config.aws.test_timeout,
             )
@@ -1010,7 +1054,10 @@ class _JobRun:
     def fail(self, exc: FedimgError) -> PublishResult:
         log.error("job %s failed: %s", self.job_id, exc)
         if self.step == "upload":
-            self.emit_for_flavours("upload", "failed", self.base, data=str(exc))
+            data = str(exc)
+            if isinstance(exc, EC2TestException) and exc.output:
+                data = f"{exc}\n{exc.output}"  # the gate's test output and console tail
+            self.emit_for_flavours("upload", "failed", self.base, data=data)
         elif self.step in ("copy", "publish"):
             for region in self.failed_regions or [self.base]:
                 self.emit_for_flavours(self.step, "failed", region, data=str(exc))

@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 class TestTarget:
     """What is tested: the AMI, and where its image came from.
 
+    ``ami`` is None when the source image itself is tested before anything is uploaded (the
+    ``qemu`` runner's ``--before-upload`` gate); runners that need an AMI refuse that target.
     ``job_id``, ``tags`` and ``tracker`` are for runners that create AWS resources (a test
     instance): its name and ClientToken derive from the job, it carries the tags, and it goes
     into the tracker (the job's ledger) the moment it exists.
     """
 
-    ami: RegisteredAmi
+    ami: RegisteredAmi | None
     image_name: str
     image_url: str
     image_path: str | None
@@ -44,6 +46,37 @@ class TestTarget:
     job_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
     tracker: Tracker | None = None
+
+    @property
+    def subject(self) -> str:
+        """What is booted, for messages: the AMI id, or the source image's name."""
+        return self.ami.ami_id if self.ami is not None else f"source image {self.image_name}"
+
+    def environment(self, *, local: bool) -> dict[str, str]:
+        """The ``FEDIMG_*`` variables a test script gets.
+
+        ``FEDIMG_TEST_STAGE`` is ``ami`` or ``source`` (before upload; then the AMI variables
+        are absent). ``local`` adds what only makes sense on this machine: the image's path
+        and the AWS endpoint.
+        """
+        env = {
+            "FEDIMG_TEST_STAGE": "ami" if self.ami is not None else "source",
+            "FEDIMG_IMAGE_NAME": self.image_name,
+            "FEDIMG_IMAGE_URL": self.image_url,
+            "FEDIMG_ARCH": self.arch,
+        }
+        if self.ami is not None:
+            env |= {
+                "FEDIMG_AMI_ID": self.ami.ami_id,
+                "FEDIMG_AMI_NAME": self.ami.name,
+                "FEDIMG_REGION": self.ami.region,
+                "FEDIMG_FLAVOUR": self.ami.flavour.name,
+                "FEDIMG_SNAPSHOT_ID": self.ami.snapshot_id,
+            }
+        if local:
+            env["FEDIMG_IMAGE_PATH"] = self.image_path or ""
+            env["FEDIMG_ENDPOINT_URL"] = self.endpoint_url or ""
+        return env
 
 
 @dataclass(frozen=True)
@@ -77,11 +110,11 @@ def script_argv(script: str) -> list[str]:
 class CommandRunner:
     """Runs the test script on this machine.
 
-    The environment carries ``FEDIMG_AMI_ID``, ``FEDIMG_REGION``, ``FEDIMG_FLAVOUR``,
-    ``FEDIMG_AMI_NAME``, ``FEDIMG_SNAPSHOT_ID``, ``FEDIMG_IMAGE_NAME``, ``FEDIMG_IMAGE_URL``,
-    ``FEDIMG_IMAGE_PATH`` (local images), ``FEDIMG_ARCH`` and ``FEDIMG_ENDPOINT_URL`` (non-AWS
-    targets), so the script can inspect the AMI. A script that runs past ``timeout`` is killed
-    (its whole process group) and fails.
+    The environment carries :meth:`TestTarget.environment` (``FEDIMG_AMI_ID``,
+    ``FEDIMG_REGION``, ``FEDIMG_FLAVOUR``, ``FEDIMG_AMI_NAME``, ``FEDIMG_SNAPSHOT_ID``,
+    ``FEDIMG_IMAGE_NAME``, ``FEDIMG_IMAGE_URL``, ``FEDIMG_IMAGE_PATH`` (local images),
+    ``FEDIMG_ARCH`` and ``FEDIMG_ENDPOINT_URL`` (non-AWS targets)), so the script can inspect the
+    AMI. A script that runs past ``timeout`` is killed (its whole process group) and fails.
     """
 
     name = "command"
@@ -93,16 +126,7 @@ class CommandRunner:
             **os.environ,
             # fedimg's own interpreter first: test scripts may use boto3 and the fedimg CLI.
             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-            "FEDIMG_AMI_ID": target.ami.ami_id,
-            "FEDIMG_AMI_NAME": target.ami.name,
-            "FEDIMG_REGION": target.ami.region,
-            "FEDIMG_FLAVOUR": target.ami.flavour.name,
-            "FEDIMG_SNAPSHOT_ID": target.ami.snapshot_id,
-            "FEDIMG_IMAGE_NAME": target.image_name,
-            "FEDIMG_IMAGE_URL": target.image_url,
-            "FEDIMG_IMAGE_PATH": target.image_path or "",
-            "FEDIMG_ARCH": target.arch,
-            "FEDIMG_ENDPOINT_URL": target.endpoint_url or "",
+            **target.environment(local=True),
         }
         started = time.monotonic()
         try:

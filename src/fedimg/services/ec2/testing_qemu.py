@@ -41,6 +41,7 @@ from fedimg.config import AwsSettings
 from fedimg.errors import ConfigError, FedimgError
 from fedimg.services.ec2.access import generate_key
 from fedimg.services.ec2.errors import EC2ServiceException, aws_call
+from fedimg.services.ec2.register import RegisteredAmi
 from fedimg.services.ec2.ssh import (
     Address,
     ConsoleHostKeys,
@@ -221,6 +222,17 @@ def machine_for(arch: str, accel: str) -> Machine:
 # --- the disk ------------------------------------------------------------------------------------
 
 
+def boots_snapshot(settings: AwsSettings, ami: RegisteredAmi) -> bool:
+    """True if the runner boots ``ami``'s root snapshot read back, False if the source image.
+
+    ``qemu_disk = "auto"`` reads the snapshot back on non-AWS targets (the test then proves the
+    upload) and boots the source on real AWS (reading 2 GiB back there costs money and time).
+    """
+    if settings.qemu_disk == "auto":
+        return settings.target != "aws" and bool(ami.snapshot_id)
+    return settings.qemu_disk == "snapshot"
+
+
 def write_snapshot_disk(
     *,
     ebs: EBSClient,
@@ -376,7 +388,6 @@ class QemuRunner:
         argv = script_argv(script)
         payload = script_payload(argv)
         started = self.clock()
-        ami = target.ami
         console = ""
         with tempfile.TemporaryDirectory(prefix="fedimg-qemu-", dir=self.workdir) as tmp:
             work = Path(tmp)
@@ -392,7 +403,7 @@ class QemuRunner:
             except ConfigError:
                 raise
             except (FedimgError, OSError) as exc:
-                log.error("QEMU test of %s: %s", ami.ami_id, exc)
+                log.error("QEMU test of %s: %s", target.subject, exc)
                 outcome = TestOutcome(
                     passed=False,
                     exit_code=None,
@@ -403,7 +414,7 @@ class QemuRunner:
             console = read_console(work / "console.log")
         if outcome.passed and outcome.output.strip():
             log.info(
-                "test output in the QEMU guest of %s:\n%s", ami.ami_id, outcome.output.rstrip()
+                "test output in the QEMU guest of %s:\n%s", target.subject, outcome.output.rstrip()
             )
         if not outcome.passed and console:
             tail = console_tail(console)
@@ -433,7 +444,7 @@ class QemuRunner:
         seed = make_seed(
             work,
             public_key=public.decode("ascii"),
-            instance_id=f"iid-fedimg-{target.ami.ami_id}",
+            instance_id=f"iid-fedimg-{target.ami.ami_id if target.ami else 'source'}",
             hostname="fedimg-test",
             username=self.settings.test_username,
         )
@@ -458,13 +469,8 @@ class QemuRunner:
     def _disk(self, target: TestTarget, path: Path) -> Path:
         """The disk to boot: the snapshot read back, or the source image (``qemu_disk``)."""
         ami = target.ami
-        mode = self.settings.qemu_disk
-        if mode == "auto":
-            use_snapshot = self.settings.target != "aws" and bool(ami.snapshot_id)
-        else:
-            use_snapshot = mode == "snapshot"
         started = time.monotonic()
-        if use_snapshot:
+        if ami is not None and boots_snapshot(self.settings, ami):
             if not ami.snapshot_id:
                 raise QemuError(
                     f"{ami.ami_id} ({ami.flavour.name}) has no root snapshot to boot "
@@ -528,7 +534,7 @@ class QemuRunner:
             *("-device", "virtio-net-pci,netdev=n0"),
         ]
         qemu_log_path = work / "qemu.log"
-        label = f"QEMU guest of {target.ami.ami_id} ({machine.accel})"
+        label = f"QEMU guest of {target.subject} ({machine.accel})"
         session: SshSession | None = None
         with qemu_log_path.open("wb") as qemu_log:
             log.info("booting %s: %s", label, " ".join(cmd))
@@ -665,6 +671,7 @@ __all__ = [
     "Machine",
     "QemuError",
     "QemuRunner",
+    "boots_snapshot",
     "console_tail",
     "kvm_works",
     "machine_for",

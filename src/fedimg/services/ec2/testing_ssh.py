@@ -85,6 +85,11 @@ class SshTestRunner:
         payload = script_payload(argv)
         started = time.monotonic()
         ami = target.ami
+        if ami is None:
+            raise ConfigError(
+                "the ssh test runner tests a registered AMI; the source image can only be "
+                "tested before upload by the qemu runner"
+            )
         region = ami.region
         ec2 = self.clients.ec2(region)
         tracker: Tracker = target.tracker or LocalTracker()
@@ -250,17 +255,8 @@ def run_test_script(
     line. ``where`` names the machine in the reason; ``started`` (``time.monotonic()``) is when
     the test began. Raises :class:`SSHError` if the connection fails.
     """
-    ami = target.ami
     env = shlex.join(
-        [
-            "env",
-            f"FEDIMG_AMI_ID={ami.ami_id}",
-            f"FEDIMG_AMI_NAME={ami.name}",
-            f"FEDIMG_REGION={ami.region}",
-            f"FEDIMG_FLAVOUR={ami.flavour.name}",
-            f"FEDIMG_IMAGE_NAME={target.image_name}",
-            f"FEDIMG_ARCH={target.arch}",
-        ]
+        ["env", *(f"{key}={value}" for key, value in target.environment(local=False).items())]
     )
     log.info("running the test on %s: %s", where, shlex.join(argv))
     if payload is None:
