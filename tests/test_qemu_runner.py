@@ -125,6 +125,16 @@ def publish(
     return result, runtime
 
 
+def aarch64_qemu(monkeypatch: pytest.MonkeyPatch, path: str | None) -> None:
+    """Make the runner find ``qemu-system-aarch64`` at ``path`` (None: not installed)."""
+    real_tool = testing_qemu._tool
+    monkeypatch.setattr(
+        testing_qemu,
+        "_tool",
+        lambda name: path if name == "qemu-system-aarch64" else real_tool(name),
+    )
+
+
 def failed_messages(runtime: Runtime) -> list[Any]:
     return [m for m in runtime.messenger.sent if m.body.get("status") == "failed"]
 
@@ -275,12 +285,7 @@ def test_arm64_boots_on_the_virt_machine_with_uefi_firmware(
     binary.write_text("#!/bin/sh\nexit 0\n")
     firmware = tmp_path / "QEMU_EFI.fd"
     firmware.write_bytes(b"\0" * 64)
-    real_tool = testing_qemu._tool
-    monkeypatch.setattr(
-        testing_qemu,
-        "_tool",
-        lambda name: str(binary) if name == "qemu-system-aarch64" else real_tool(name),
-    )
+    aarch64_qemu(monkeypatch, str(binary))
     monkeypatch.setattr(testing_qemu, "_AARCH64_FIRMWARE", ("/nonexistent/AAVMF.fd", str(firmware)))
 
     machine = testing_qemu.machine_for("arm64", "auto")
@@ -301,12 +306,7 @@ def test_arm64_image_without_qemu_system_aarch64_fails_clearly(
     image_cache: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_tool = testing_qemu._tool
-    monkeypatch.setattr(
-        testing_qemu,
-        "_tool",
-        lambda name: None if name == "qemu-system-aarch64" else real_tool(name),
-    )
+    aarch64_qemu(monkeypatch, None)
     image = write_sample_image(
         image_cache / "Fedora-Cloud-Base-Test-41-1.1.aarch64.raw.xz",
         size_bytes=16 * 1024 * 1024,
