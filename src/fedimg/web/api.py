@@ -56,15 +56,16 @@ def _blank(value: str | None) -> str | None:
 
 def job_filter(
     *,
-    image: str | None = None,
-    release: str | None = None,
-    compose: str | None = None,
-    arch: str | None = None,
-    status: str | None = None,
-    region: str | None = None,
-    flavour: str | None = None,
+    image: Text = None,
+    release: Text = None,
+    compose: Text = None,
+    arch: Text = None,
+    region: Text = None,
+    flavour: Text = None,
+    status: Text = None,
 ) -> JobFilter:
-    """The catalog filter for the dashboard's and the API's job filters."""
+    """The catalog filter of the dashboard's and the API's job query parameters (a dependency:
+    FastAPI reads the parameters from the query string; blank values are no filter)."""
     return JobFilter(
         image_name=_blank(image),
         release=_blank(release),
@@ -74,6 +75,9 @@ def job_filter(
         region=_blank(region),
         flavour=_blank(flavour),
     )
+
+
+JobFilters = Annotated[JobFilter, Depends(job_filter)]
 
 
 def list_jobs(ctx: WebContext, filters: JobFilter, page: int, per_page: int) -> JobPage:
@@ -141,28 +145,9 @@ def get_image_detail(ctx: WebContext, image_name: str) -> ImageDetail | None:
 
 @router.get("/jobs", response_model=JobPage, summary="Jobs, newest first")
 def api_jobs(
-    *,
-    ctx: Context,
-    image: Text = None,
-    release: Text = None,
-    compose: Text = None,
-    arch: Text = None,
-    region: Text = None,
-    flavour: Text = None,
-    status: Text = None,
-    page: PageNumber = 1,
-    per_page: PerPage = 25,
+    *, ctx: Context, filters: JobFilters, page: PageNumber = 1, per_page: PerPage = 25
 ) -> JobPage:
     """Jobs matching every filter given; ``region``/``flavour`` match jobs with an AMI there."""
-    filters = job_filter(
-        image=image,
-        release=release,
-        compose=compose,
-        arch=arch,
-        status=status,
-        region=region,
-        flavour=flavour,
-    )
     return list_jobs(ctx, filters, page, per_page)
 
 

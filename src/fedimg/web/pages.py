@@ -20,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 
 from fedimg import __version__
 from fedimg.catalog import AmiFilter, MessageQuery
-from fedimg.web.api import aws_arch, get_image_detail, get_job_detail, job_filter, list_jobs
+from fedimg.web.api import JobFilters, aws_arch, get_image_detail, get_job_detail, list_jobs
 from fedimg.web.context import WebContext, web_context
 from fedimg.web.models import MAX_PAGE, AmiOut, StepOut, ami_out, image_out, message_out, pages_for
 
@@ -160,38 +160,24 @@ def dashboard(
     *,
     request: Request,
     ctx: Context,
-    release: Text = None,
-    compose: Text = None,
-    arch: Text = None,
-    region: Text = None,
-    flavour: Text = None,
-    status: Text = None,
-    image: Text = None,
+    filters: JobFilters,
     page: PageNumber = 1,
     per_page: PerPage = 25,
 ) -> HTMLResponse:
     """Every job, newest first, with filters and paging."""
-    filters = job_filter(
-        image=image,
-        release=release,
-        compose=compose,
-        arch=arch,
-        status=status,
-        region=region,
-        flavour=flavour,
-    )
     result = list_jobs(ctx, filters, page, per_page)
     facets = ctx.catalog.job_facets()
     facets["release"].sort(key=lambda r: (len(r), r), reverse=True)
     facets["compose_id"].reverse()
     selected = {
-        "release": release or "",
-        "compose_id": compose or "",
-        "arch": aws_arch(arch) or "",
-        "region": region or "",
-        "flavour": flavour or "",
-        "status": status or "",
+        "release": filters.release or "",
+        "compose_id": filters.compose_id or "",
+        "arch": filters.arch or "",
+        "region": filters.region or "",
+        "flavour": filters.flavour or "",
+        "status": filters.status or "",
     }
+    image = filters.image_name
     return _render(
         request,
         ctx,
