@@ -182,6 +182,28 @@ class LocalSshd:
         return cloud_init_console(fingerprints=[self.ecdsa_fingerprint, self.host_fingerprint])
 
 
+@contextlib.contextmanager
+def running_sshd(directory: Path) -> Iterator[LocalSshd]:
+    """An OpenSSH server on 127.0.0.1 with its files in ``directory``, stopped on exit.
+
+    Skipped (failed under CI=true) when sshd or ssh-keygen is not installed.
+    """
+    from tests.conftest import require
+
+    binary = sshd_binary()
+    require(
+        binary is not None and shutil.which("ssh-keygen") is not None,
+        "OpenSSH's sshd is not installed (apt-get install openssh-server)",
+    )
+    assert binary is not None
+    server = LocalSshd(directory, binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @dataclass
 class LocalSeam:
     """The seam: every instance is this sshd; its console says ``console``; volumes are files.

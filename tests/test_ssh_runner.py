@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -28,14 +27,14 @@ from fedimg.services.ec2.access import generate_key
 from fedimg.services.ec2.service import PublishRequest, PublishResult
 from fedimg.services.ec2.ssh import Address
 from fedimg.source import resolve_source
-from tests.conftest import Recorder, leaked, make_config, require
+from tests.conftest import Recorder, leaked, make_config
 from tests.ssh_support import (
     LocalSeam,
     LocalSshd,
     cloud_init_console,
     keygen,
+    running_sshd,
     silent_port,
-    sshd_binary,
 )
 
 REGION = "us-east-1"
@@ -44,16 +43,8 @@ REGION = "us-east-1"
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSshd]:
     """An OpenSSH server on 127.0.0.1 for this module's tests."""
-    binary = sshd_binary()
-    require(
-        binary is not None and shutil.which("ssh-keygen") is not None,
-        "OpenSSH's sshd is not installed (apt-get install openssh-server)",
-    )
-    assert binary is not None
-    server = LocalSshd(tmp_path_factory.mktemp("sshd"), binary)
-    server.start()
-    yield server
-    server.stop()
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 def script(tmp_path: Path, body: str, name: str = "smoke-test.sh") -> str:

@@ -29,25 +29,17 @@ from fedimg.services.ec2.service import PublishRequest, PublishResult
 from fedimg.source import resolve_source
 from tests.conftest import Recorder, leaked, make_config, require
 from tests.httpfiles import serve_files
-from tests.ssh_support import LocalSeam, LocalSshd, sshd_binary
+from tests.ssh_support import LocalSeam, LocalSshd, running_sshd
 
 REGION = "us-east-1"
 
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSshd]:
-    """An OpenSSH server on 127.0.0.1 for this module's tests."""
-    binary = sshd_binary()
-    require(
-        binary is not None and shutil.which("ssh-keygen") is not None,
-        "OpenSSH's sshd is not installed (apt-get install openssh-server)",
-    )
+    """An OpenSSH server on 127.0.0.1 for this module's tests (which also need curl)."""
     require(shutil.which("curl") is not None, "curl is not installed (apt-get install curl)")
-    assert binary is not None
-    server = LocalSshd(tmp_path_factory.mktemp("sshd-utility"), binary)
-    server.start()
-    yield server
-    server.stop()
+    with running_sshd(tmp_path_factory.mktemp("sshd-utility")) as server:
+        yield server
 
 
 @pytest.fixture
