@@ -209,6 +209,15 @@ def test_latest_amis_page(browser: WebDriver, site: Site, published: Published) 
     )
 
 
+def test_the_api_docs_render_from_local_files(browser: WebDriver, site: Site) -> None:
+    browser.get(site.url + "/docs")
+    operations = wait_for(lambda: css(browser, ".opblock-summary-path"), what="Swagger UI")
+    paths = {e.get_attribute("data-path") or e.text for e in operations}
+    assert "/api/v1/amis/latest" in paths
+    assert console_errors(browser) == []  # nothing blocked by the CSP, nothing fetched elsewhere
+    screenshot(browser, "web-docs")
+
+
 def test_a_running_job_shows_its_progress_live(browser: WebDriver, site: Site) -> None:
     catalog = site.catalog
     job = catalog.create_job(

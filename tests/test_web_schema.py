@@ -6,6 +6,7 @@ Kept bounded: a few examples per operation, over real HTTP to the published cata
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,3 +87,9 @@ def test_the_schema_documents_the_api(base_url: str) -> None:
     docs = httpx.get(f"{base_url}/docs")
     assert docs.status_code == 200
     assert "/openapi.json" in docs.text
+    # Swagger UI comes from here, not a CDN: /docs works without Internet access.
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and all(a.startswith("/docs-assets/") for a in assets), assets
+    for asset in assets:
+        assert httpx.get(f"{base_url}{asset}").status_code == 200, asset
+    assert "cdn." not in docs.headers["content-security-policy"]

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedimg import __version__
@@ -30,11 +31,19 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: The dashboard loads nothing from elsewhere; /docs (Swagger UI from its CDN) is left out.
+#: The dashboard loads nothing from elsewhere and runs no inline code.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
+#: /docs: Swagger UI is served from here too (fastapi-offline), but FastAPI's page starts it
+#: with an inline script and Swagger UI sets inline styles.
+DOCS_CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self'"
+)
+DOCS_ASSETS = "/docs-assets"
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -76,7 +85,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         path = str(scope["path"]).removeprefix(str(scope.get("root_path", "")).rstrip("/"))
-        strict = not path.startswith("/docs")
+        policy = DOCS_CONTENT_SECURITY_POLICY if path == "/docs" else CONTENT_SECURITY_POLICY
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -87,8 +96,8 @@ class SecurityHeaders:
                     (b"x-frame-options", b"DENY"),
                 ]
                 content_type = dict(headers).get(b"content-type", b"")
-                if strict and content_type.startswith(b"text/html"):
-                    headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+                if content_type.startswith(b"text/html"):
+                    headers.append((b"content-security-policy", policy.encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -136,7 +145,9 @@ def _drop_validation_responses(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 def create_app(context: WebContext) -> FastAPI:
     """The application over ``context.catalog``."""
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from files of its own, not a CDN.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="fedimg",
         version=__version__,
         summary="Jobs, AMIs and messages of fedimg, read-only.",
