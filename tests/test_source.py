@@ -89,6 +89,45 @@ def test_blocks_and_hashes(tmp_path: Path, subprocess_decoder: bool) -> None:
 
 
 @pytest.mark.parametrize("subprocess_decoder", [True, False])
+def test_sparse_blocks_give_none_for_zero_blocks(tmp_path: Path, subprocess_decoder: bool) -> None:
+    pieces = [os.urandom(BLOCK), bytes(2 * BLOCK), b"\x01" + bytes(BLOCK - 1), os.urandom(1000)]
+    data = b"".join(pieces)
+    (tmp_path / "s.x86_64.raw").write_bytes(data)
+    compressed = xz(tmp_path / "s.x86_64.raw")
+    source = resolve_source(str(compressed))
+    full = RawBlocks(source, block_size=BLOCK, prefer_subprocess=subprocess_decoder)
+    sparse = RawBlocks(source, block_size=BLOCK, prefer_subprocess=subprocess_decoder)
+    expected = list(full)
+    got = list(sparse.sparse())
+    assert [i for i, _ in got] == [0, 1, 2, 3, 4]
+    assert [b is None for _, b in got] == [False, True, True, False, False]
+    for (_, block), (_, want) in zip(got, expected, strict=True):
+        assert block == (None if want == bytes(BLOCK) else want)
+    assert got[4][1] == pieces[3] + bytes(BLOCK - 1000)  # the reused buffer is zero-padded
+    assert sparse.stats == full.stats
+    assert sparse.stats.sha256_raw == hashlib.sha256(data).hexdigest()
+
+
+def test_decompressor_feed_survives_partial_pipe_writes() -> None:
+    """A raw pipe may take only part of a chunk (a signal interrupts the write): none is lost."""
+    from fedimg.source import _write_all
+
+    class Trickle:
+        def __init__(self) -> None:
+            self.got = bytearray()
+
+        def write(self, data: memoryview) -> int:
+            taken = bytes(data[:1000])
+            self.got += taken
+            return len(taken)
+
+    pipe = Trickle()
+    chunk = os.urandom(10_500)
+    _write_all(pipe, chunk)  # type: ignore[arg-type]
+    assert bytes(pipe.got) == chunk
+
+
+@pytest.mark.parametrize("subprocess_decoder", [True, False])
 def test_corrupt_and_truncated_xz_are_input_errors(
     tmp_path: Path, subprocess_decoder: bool
 ) -> None:

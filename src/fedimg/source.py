@@ -6,7 +6,8 @@ Nothing here holds the image in memory or writes it to disk. A source is read on
       → decompressor (``xz -dc -T0`` / ``gzip -dc`` / ``zstd -dc`` subprocess, else Python's lzma)
       → fixed-size blocks (the last one zero-padded) → SHA-256 of the raw bytes
 
-Memory: one read chunk (1 MiB) in the feeder, the OS pipe buffer, and the one block being filled.
+Memory: one read chunk (1 MiB) in the feeder, the OS pipe buffer, the one (reused) block buffer
+being filled, and the copy of each block handed out.
 
 Every problem with the input (missing file, HTTP 404, connection refused, corrupt or truncated data,
 checksum mismatch) is an :class:`~fedimg.errors.InputError` with a one-line message.
@@ -394,7 +395,7 @@ class _SubprocessDecoder(_Decoder):
     def _feed(self, chunks: Iterator[bytes], stdin: IO[bytes]) -> None:
         try:
             for chunk in chunks:
-                stdin.write(chunk)
+                _write_all(stdin, chunk)
         except BrokenPipeError:
             pass  # the decompressor stopped early; its exit status says why
         except BaseException as exc:  # handed to the reading thread, raised there
@@ -486,6 +487,19 @@ class _InProcessDecoder(_Decoder):
         return None
 
 
+def _write_all(pipe: IO[bytes], data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered pipe.
+
+    A raw (``bufsize=0``) pipe's ``write`` may write only part of a large chunk when a signal
+    interrupts it (seen under py-spy: the rest of the chunk was lost and xz reported corrupt
+    data), so the remainder is written until none is left.
+    """
+    view = memoryview(data)
+    while view:
+        written = pipe.write(view)
+        view = view[written or 0 :]
+
+
 def _grow_pipe(pipe: IO[bytes]) -> None:
     # A 1 MiB pipe halves the read syscalls per block; Linux only, best effort.
     try:
@@ -513,8 +527,10 @@ class RawBlocks:
     """The raw image as numbered fixed-size blocks; iterate once, then read :attr:`stats`.
 
     Each item is ``(index, block)``, where ``block`` is a fresh ``bytes`` of exactly
-    ``block_size`` (the last one zero-padded). ``stats`` is complete after the iteration ends
-    without error; :meth:`close` stops the decompressor early (on failure elsewhere).
+    ``block_size`` (the last one zero-padded). :meth:`sparse` is the same stream with every
+    all-zero block given as ``None`` (no copy made). Either way, one pass only. ``stats`` is
+    complete after the iteration ends without error; :meth:`close` stops the decompressor early
+    (on failure elsewhere).
     """
 
     def __init__(
@@ -550,26 +566,45 @@ class RawBlocks:
             yield chunk
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for index, block in self._blocks(zero_as_none=False):
+            assert block is not None
+            yield index, block
+
+    def sparse(self) -> Iterator[tuple[int, bytes | None]]:
+        """The blocks, with ``None`` for each all-zero block (its bytes are never copied)."""
+        return self._blocks(zero_as_none=True)
+
+    def _blocks(self, *, zero_as_none: bool) -> Iterator[tuple[int, bytes | None]]:
+        # One buffer, filled in place, for the whole stream: a fresh zeroed buffer per block
+        # cost a memset, page faults and a copy for every block, zero blocks included. Only a
+        # block handed out is copied (into immutable bytes: the consumer may keep it).
+        size = self.block_size
+        zero = bytes(size)
+        buffer = bytearray(size)
+        view = memoryview(buffer)
         raw_hash = hashlib.sha256()
         index = 0
         complete = False
         try:
             while True:
-                block = bytearray(self.block_size)
-                view = memoryview(block)
                 filled = 0
-                while filled < self.block_size:
+                while filled < size:
                     count = self._decoder.readinto(view[filled:])
                     if count == 0:
                         break
                     filled += count
                 if filled == 0:
                     break
+                if filled < size:
+                    view[filled:] = zero[filled:]  # the last block is zero-padded
                 raw_hash.update(view[:filled])
                 self.stats.bytes_raw += filled
-                yield index, bytes(block)
+                if zero_as_none and buffer == zero:
+                    yield index, None
+                else:
+                    yield index, bytes(buffer)
                 index += 1
-                if filled < self.block_size:
+                if filled < size:
                     break
             complete = True
         finally:

@@ -154,11 +154,17 @@ def upload_direct(
             f"({source.compression}); set [aws] volume_size"
         )
     blocks = RawBlocks(source, block_size=BLOCK_SIZE, on_chunk=None)
-    iterator = iter(blocks)
+    # Unencrypted: the source says which blocks are all zeros and never copies them (they are
+    # skipped). Encrypted: every block is written, so every block is read out.
+    iterator: Iterator[tuple[int, bytes | None]] = (
+        iter(blocks) if request.encrypted else blocks.sparse()
+    )
     snapshot_id: str | None = None
     try:
         first = next(iterator, None)
-        if request.require_disk_label and (first is None or not has_disk_label(first[1])):
+        if request.require_disk_label and (
+            first is None or first[1] is None or not has_disk_label(first[1])
+        ):
             raise InputError(f"{source.name}: not a disk image (no MBR or GPT partition table)")
         snapshot_id = _start_snapshot(ebs, request, volume_gib)
         on_snapshot_started(snapshot_id)
@@ -248,13 +254,17 @@ def _pump(
     request: DirectUploadRequest,
     ebs: EBSClient,
     snapshot_id: str,
-    first: tuple[int, bytes] | None,
-    rest: Iterator[tuple[int, bytes]],
+    first: tuple[int, bytes | None] | None,
+    rest: Iterator[tuple[int, bytes | None]],
     shared: _Shared,
     progress: Progress,
     sleep: Callable[[float], None],
 ) -> tuple[int, int]:
-    """Feed blocks to the workers; returns (blocks written, zero blocks skipped)."""
+    """Feed blocks to the workers; returns (blocks written, zero blocks skipped).
+
+    A block given as ``None`` is all zeros and skipped (the source yields those only for an
+    unencrypted snapshot); any other block is written, whatever its content.
+    """
     depth = request.queue_depth or 2 * request.workers
     work: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=depth)
     workers = [
@@ -276,19 +286,17 @@ def _pump(
     for thread in workers:
         thread.start()
     written = zero = 0
-    skip_zeros = not request.encrypted
     try:
         items = [first] if first is not None else []
-        for item in _chain(items, rest):
+        for index, block in _chain(items, rest):
             if shared.error is not None:
                 break
-            _index, block = item
             progress.advance(BLOCK_SIZE)
-            if skip_zeros and block == ZERO_BLOCK:
+            if block is None:
                 zero += 1
                 continue
             written += 1
-            work.put(item)
+            work.put((index, block))
             if written == CRASH_BLOCK:
                 checkpoint("mid-upload")
     finally:
@@ -302,8 +310,8 @@ def _pump(
 
 
 def _chain(
-    first: list[tuple[int, bytes]], rest: Iterator[tuple[int, bytes]]
-) -> Iterator[tuple[int, bytes]]:
+    first: list[tuple[int, bytes | None]], rest: Iterator[tuple[int, bytes | None]]
+) -> Iterator[tuple[int, bytes | None]]:
     yield from first
     yield from rest
 
