@@ -20,10 +20,15 @@ moto). Each fidelity fix says which AWS behaviour it restores:
   instance or volume the first one made, instead of making another that nobody tracks).
 - EC2 ``DeleteKeyPair`` honours ``KeyPairId`` (moto only looked at ``KeyName`` and silently kept
   the key pair).
+
+A few more patches only make moto's server cheaper per request (see :func:`_speed_up_dispatch`):
+the benchmark runs fedimg, xz and this endpoint on the same cores, so the endpoint's CPU is
+fedimg's wall time. They change no answer.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -38,6 +43,11 @@ EMBEDDED_ACCOUNT_ID = "123456789012"
 EMBEDDED_ACCESS_KEY = "fedimg-embedded"
 EMBEDDED_SECRET_KEY = "fedimg-embedded"
 EBS_BLOCK_SIZE = 512 * 1024
+
+#: Host names whose moto backend the dispatcher remembers (a handful are ever used: service × region).
+_MAX_KNOWN_HOSTS = 4096
+#: Request bodies up to this size are read in one call before moto sees them (EBS blocks: 512 KiB).
+_MAX_BUFFERED_BODY = 16 * 1024 * 1024
 
 _patch_lock = threading.Lock()
 _patched = False
@@ -187,6 +197,7 @@ def apply_fidelity_fixes() -> None:
                 result["NextToken"] = str(rest[0])
             return ActionResult(result)
 
+        _speed_up_dispatch()
         _fix_register_image()
         _add_image_block_public_access()
         _fix_client_tokens()
@@ -209,6 +220,94 @@ def serve_forever(*, host: str = "127.0.0.1", port: int = 5000) -> None:
         pass
     finally:
         aws.stop()
+
+
+def _speed_up_dispatch() -> None:
+    """Cut the endpoint's per-request CPU where moto's server spends it needlessly (speed only:
+    every request is routed, parsed and answered as before).
+
+    Measured on PutSnapshotBlock (512 KiB, 8 concurrent clients), the endpoint's CPU per request
+    went from about 3.9 ms to 2.2 ms with these and :func:`_speed_up_ebs_actions`:
+
+    - moto's dispatcher finds the backend for a Host by listing its own package directory (one
+      ``isdir`` per service, ~250) and trying every service's URL regex, per request and under
+      one lock (~0.4 ms). The answer depends on the host name only (the directory and the
+      patterns do not change while the server runs), so it is kept per host.
+    - werkzeug reads a body through a Python loop of 64 KiB reads, then copies it (~0.35 ms
+      for 512 KiB); the body is read here in one buffered call instead, as moto itself does
+      for form bodies, and handed on as a stream that ends where the body does.
+    """
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+    original: Any = DomainDispatcherApplication.get_backend_for_host
+    known: dict[str | None, Any] = {}
+
+    def get_backend_for_host(self: Any, host: str | None) -> Any:
+        # Callers hold the dispatcher's lock; a dict lookup and insert need no more.
+        try:
+            return known[host]
+        except KeyError:
+            backend = original(self, host)
+            if len(known) < _MAX_KNOWN_HOSTS:  # hosts come from requests: keep the table bounded
+                known[host] = backend
+            return backend
+
+    original_call: Any = DomainDispatcherApplication.__call__
+
+    def call(self: Any, environ: dict[str, Any], start_response: Any) -> Any:
+        # Only a body with a Content-Length that is not already framed by the server (chunked
+        # bodies are); moto reads every body whole anyway, so buffering it costs no memory.
+        length = environ.get("CONTENT_LENGTH") or ""
+        size = int(length) if length.isdigit() else 0
+        if 0 < size <= _MAX_BUFFERED_BODY and not environ.get("wsgi.input_terminated"):
+            try:
+                body = environ["wsgi.input"].read(size)
+            except (OSError, ValueError):
+                body = b""  # a short body reads as a client disconnect, as before
+            environ["wsgi.input"] = io.BytesIO(body)
+            # The stream now ends where the body does, so werkzeug may read it as it is (one
+            # read, no copy) instead of through its length-limiting wrapper.
+            environ["wsgi.input_terminated"] = True
+        return original_call(self, environ, start_response)
+
+    setattr(DomainDispatcherApplication, "get_backend_for_host", get_backend_for_host)  # noqa: B010
+    setattr(DomainDispatcherApplication, "__call__", call)  # noqa: B010
+    _speed_up_ebs_actions()
+
+
+def _speed_up_ebs_actions() -> None:
+    """Work out an EBS request's operation once, and a response class's handlers once.
+
+    moto routes a REST request (method and path against every operation's URI template) each
+    time it needs the operation's name: four times per PutSnapshotBlock. The name cannot change
+    within a request (a response object serves one request), so it is kept after the first.
+    moto also lists a response class's methods (``inspect.getmembers``) on every request; they
+    are fixed once the fidelity fixes are in (applied before the server starts), so the list
+    is kept per class.
+    """
+    from moto.core import responses
+    from moto.core.utils import method_names_from_class as list_methods
+    from moto.ebs.responses import EBSResponse
+
+    route: Any = responses.BaseResponse._get_action
+    methods: dict[type, frozenset[str]] = {}
+
+    def get_action(self: Any) -> Any:
+        action = self.__dict__.get("_fedimg_action")
+        if action is None:
+            action = route(self)
+            if action:
+                self.__dict__["_fedimg_action"] = action
+        return action
+
+    def method_names_from_class(clazz: Any) -> frozenset[str]:
+        names = methods.get(clazz)
+        if names is None:
+            names = methods[clazz] = frozenset(list_methods(clazz))
+        return names
+
+    setattr(EBSResponse, "_get_action", get_action)  # noqa: B010
+    setattr(responses, "method_names_from_class", method_names_from_class)  # noqa: B010
 
 
 def _fix_register_image() -> None:
