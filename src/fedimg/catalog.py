@@ -229,6 +229,16 @@ def _ami_conditions(filters: AmiFilter) -> list[ColumnElement[bool]]:
     ]
 
 
+def _count_amis(session: Session, key: Any, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(AMIs, regions) per value of ``key`` (an Ami column) among ``keys``; deleted AMIs not counted."""
+    rows = session.execute(
+        select(key, func.count(Ami.id), func.count(distinct(Ami.region)))
+        .where(key.in_(list(keys)), Ami.state != "deleted")
+        .group_by(key)
+    )
+    return {value: (int(amis), int(regions)) for value, amis, regions in rows}
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the dashboard read while an upload writes; the busy timeout absorbs short locks.
     cursor = dbapi_connection.cursor()
@@ -374,19 +384,12 @@ class Catalog:
 
     def amis(self, filters: AmiFilter | None = None, *, limit: int = 1000) -> list[Ami]:
         """AMIs matching ``filters``, newest first."""
-        filters = filters or AmiFilter()
         with self.session() as session:
-            query = select(Ami).order_by(Ami.created_at.desc(), Ami.id.desc())
-            for column, value in (
-                (Ami.image_name, filters.image_name),
-                (Ami.region, filters.region),
-                (Ami.arch, filters.arch),
-                (Ami.release, filters.release),
-                (Ami.flavour, filters.flavour),
-                (Ami.job_id, filters.job_id),
-            ):
-                if value is not None:
-                    query = query.where(column == value)
+            query = (
+                select(Ami)
+                .where(*_ami_conditions(filters or AmiFilter()))
+                .order_by(Ami.created_at.desc(), Ami.id.desc())
+            )
             return list(session.scalars(query.limit(limit)))
 
     # --- steps ---------------------------------------------------------------------------------
@@ -574,12 +577,7 @@ class Catalog:
         if not job_ids:
             return {}
         with self.session() as session:
-            rows = session.execute(
-                select(Ami.job_id, func.count(Ami.id), func.count(distinct(Ami.region)))
-                .where(Ami.job_id.in_(list(job_ids)), Ami.state != "deleted")
-                .group_by(Ami.job_id)
-            )
-            return {job_id: (int(amis), int(regions)) for job_id, amis, regions in rows}
+            return _count_amis(session, Ami.job_id, job_ids)
 
     def find_amis(
         self,
@@ -668,14 +666,7 @@ class Catalog:
                 select(Job).where(Job.image_name.in_(names)).order_by(Job.created_at.desc(), Job.id)
             ):
                 newest.setdefault(job.image_name, job)
-            counts = {
-                name: (int(amis), int(regions))
-                for name, amis, regions in session.execute(
-                    select(Ami.image_name, func.count(Ami.id), func.count(distinct(Ami.region)))
-                    .where(Ami.image_name.in_(names), Ami.state != "deleted")
-                    .group_by(Ami.image_name)
-                )
-            }
+            counts = _count_amis(session, Ami.image_name, names)
             summaries = []
             for row in page:
                 job = newest[row.image_name]

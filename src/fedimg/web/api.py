@@ -70,7 +70,7 @@ def job_filter(
         image_name=_blank(image),
         release=_blank(release),
         compose_id=_blank(compose),
-        arch=aws_arch(_blank(arch)),
+        arch=aws_arch(arch),
         status=_blank(status),
         region=_blank(region),
         flavour=_blank(flavour),
@@ -87,6 +87,22 @@ def list_jobs(ctx: WebContext, filters: JobFilter, page: int, per_page: int) -> 
     now = ctx.now()
     return JobPage(
         jobs=[job_out(j, counts, now) for j in jobs],
+        total=total,
+        page=page,
+        per_page=per_page,
+        pages=pages_for(total, per_page),
+    )
+
+
+def list_images(
+    ctx: WebContext, release: str | None, arch: str | None, page: int, per_page: int
+) -> ImagePage:
+    """A page of images (shared by the API and the dashboard)."""
+    images, total = ctx.catalog.images(
+        release=_blank(release), arch=aws_arch(arch), limit=per_page, offset=(page - 1) * per_page
+    )
+    return ImagePage(
+        images=[image_out(i) for i in images],
         total=total,
         page=page,
         per_page=per_page,
@@ -185,19 +201,7 @@ def api_images(
     per_page: PerPage = 25,
 ) -> ImagePage:
     """Every image fedimg worked on (by name), with its newest job."""
-    images, total = ctx.catalog.images(
-        release=_blank(release),
-        arch=aws_arch(_blank(arch)),
-        limit=per_page,
-        offset=(page - 1) * per_page,
-    )
-    return ImagePage(
-        images=[image_out(i) for i in images],
-        total=total,
-        page=page,
-        per_page=per_page,
-        pages=pages_for(total, per_page),
-    )
+    return list_images(ctx, release, arch, page, per_page)
 
 
 @router.get(
@@ -235,7 +239,7 @@ def api_latest_amis(
     amis = ctx.catalog.latest_amis(
         AmiFilter(
             release=_blank(release),
-            arch=aws_arch(_blank(arch)),
+            arch=aws_arch(arch),
             region=_blank(region),
             flavour=_blank(flavour),
         )
@@ -263,7 +267,7 @@ def api_amis(
         AmiFilter(
             image_name=_blank(image),
             release=_blank(release),
-            arch=aws_arch(_blank(arch)),
+            arch=aws_arch(arch),
             region=_blank(region),
             flavour=_blank(flavour),
             job_id=_blank(job),
@@ -309,4 +313,12 @@ def api_messages(
     )
 
 
-__all__ = ["aws_arch", "get_image_detail", "get_job_detail", "job_filter", "list_jobs", "router"]
+__all__ = [
+    "aws_arch",
+    "get_image_detail",
+    "get_job_detail",
+    "job_filter",
+    "list_images",
+    "list_jobs",
+    "router",
+]

@@ -20,9 +20,16 @@ from fastapi.templating import Jinja2Templates
 
 from fedimg import __version__
 from fedimg.catalog import AmiFilter, MessageQuery
-from fedimg.web.api import JobFilters, aws_arch, get_image_detail, get_job_detail, list_jobs
+from fedimg.web.api import (
+    JobFilters,
+    aws_arch,
+    get_image_detail,
+    get_job_detail,
+    list_images,
+    list_jobs,
+)
 from fedimg.web.context import WebContext, web_context
-from fedimg.web.models import MAX_PAGE, AmiOut, StepOut, ami_out, image_out, message_out, pages_for
+from fedimg.web.models import MAX_PAGE, AmiOut, StepOut, ami_out, message_out
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 templates = Jinja2Templates(directory=TEMPLATE_DIR)
@@ -145,6 +152,14 @@ def _timeline(steps: list[StepOut], start: dt.datetime, seconds: float) -> list[
     return rows
 
 
+def _facets(ctx: WebContext) -> dict[str, list[str]]:
+    """The filters' choices: newest release and compose first, the rest sorted."""
+    facets = ctx.catalog.job_facets()
+    facets["release"].sort(key=lambda r: (len(r), r), reverse=True)
+    facets["compose_id"].reverse()
+    return facets
+
+
 def _matrix_view(
     regions: list[str], flavours: list[str], cells: dict[str, dict[str, AmiOut]]
 ) -> dict[str, Any]:
@@ -166,9 +181,7 @@ def dashboard(
 ) -> HTMLResponse:
     """Every job, newest first, with filters and paging."""
     result = list_jobs(ctx, filters, page, per_page)
-    facets = ctx.catalog.job_facets()
-    facets["release"].sort(key=lambda r: (len(r), r), reverse=True)
-    facets["compose_id"].reverse()
+    facets = _facets(ctx)
     selected = {
         "release": filters.release or "",
         "compose_id": filters.compose_id or "",
@@ -234,23 +247,17 @@ def images_page(
     per_page: PerPage = 25,
 ) -> HTMLResponse:
     """Every image, newest first."""
-    images, total = ctx.catalog.images(
-        release=release or None,
-        arch=aws_arch(arch),
-        limit=per_page,
-        offset=(page - 1) * per_page,
-    )
-    pages = pages_for(total, per_page)
+    result = list_images(ctx, release, arch, page, per_page)
     return _render(
         request,
         ctx,
         "images.html",
-        images=[image_out(i) for i in images],
-        total=total,
+        images=result.images,
+        total=result.total,
         page=page,
-        pages=pages,
+        pages=result.pages,
         prev=_link(request, page=page - 1) if page > 1 else None,
-        next=_link(request, page=page + 1) if page < pages else None,
+        next=_link(request, page=page + 1) if page < result.pages else None,
     )
 
 
@@ -293,8 +300,7 @@ def amis_page(
     else:
         rows = ctx.catalog.latest_amis(filters)
         total = len(rows)
-    facets = ctx.catalog.job_facets()
-    facets["release"].sort(key=lambda r: (len(r), r), reverse=True)
+    facets = _facets(ctx)
     chosen = {"release": release, "arch": arch, "region": region, "flavour": flavour}
     api_query = urlencode({key: value for key, value in chosen.items() if value})
     return _render(
