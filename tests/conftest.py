@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,6 +18,10 @@ from fedimg.config import Config
 from fedimg.embedded import EmbeddedAWS
 from fedimg.runtime import Runtime
 from fedimg.sampleimage import SampleImage, write_sample_image
+
+if TYPE_CHECKING:
+    from tests.amqp_support import BrokerTap
+    from tests.web_support import Published
 
 IN_CI = os.environ.get("CI") == "true"
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -207,3 +211,27 @@ def leaked(clients: ClientFactory, regions: list[str]) -> list[str]:
             if any(t["Key"].startswith("fedimg:") for t in group.get("Tags", [])):
                 found.append(f"{region}:{group['GroupId']}")
     return found
+
+
+# The support modules import this one: their fixtures import them when first used.
+
+
+@pytest.fixture(scope="session")
+def published(
+    embedded_aws: EmbeddedAWS, sample_image: SampleImage, tmp_path_factory: pytest.TempPathFactory
+) -> Published:
+    """Five jobs' catalog (see :class:`tests.web_support.Published`)."""
+    from tests.web_support import published_once
+
+    return published_once(aws=embedded_aws, sample=sample_image, factory=tmp_path_factory)
+
+
+@pytest.fixture
+def tap() -> Iterator[BrokerTap]:
+    """A test's own exchange on the real broker (skipped without it, failed under CI=true)."""
+    from tests.amqp_support import BrokerTap, require_broker
+
+    require_broker()
+    tap = BrokerTap()
+    yield tap
+    tap.close()

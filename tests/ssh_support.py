@@ -16,15 +16,20 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedimg.services.ec2.service import PublishRequest, PublishResult
 from fedimg.services.ec2.ssh import Address
+from fedimg.source import resolve_source
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
+
+    from fedimg.config import Config
+    from fedimg.runtime import Runtime
 
 
 def sshd_binary() -> str | None:
@@ -262,3 +267,20 @@ def silent_port() -> Iterator[Address]:
         for conn in held:
             conn.close()
         server.close()
+
+
+def publish_over_ssh(
+    runtime_factory: Callable[[Config], Runtime],
+    config: Config,
+    source: str,
+    sshd: LocalSshd,
+    seam: LocalSeam,
+    **request: Any,
+) -> tuple[PublishResult, Runtime]:
+    """Publish ``source`` with ``seam`` routing instances to ``sshd``, which authorises the keys
+    fedimg imports as the ImportKeyPair request goes out."""
+    runtime = runtime_factory(config)
+    runtime.seam = seam
+    runtime.hooks.append(("provide-client-params.ec2.ImportKeyPair", sshd.authorize_imported_keys))
+    result = runtime.service().publish(PublishRequest(source=resolve_source(source), **request))
+    return result, runtime

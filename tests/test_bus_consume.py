@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,15 +14,7 @@ from fedimg.bus import (
     QueueSettings,
     consume,
 )
-from tests.amqp_support import BROKER_URL, PUNGI_PATTERN, PUNGI_TOPIC, BrokerTap, require_broker
-
-
-@pytest.fixture
-def tap() -> Iterator[BrokerTap]:
-    require_broker()
-    tap = BrokerTap()
-    yield tap
-    tap.close()
+from tests.amqp_support import BROKER_URL, PUNGI_PATTERN, PUNGI_TOPIC, BrokerTap
 
 
 def settings(tap: BrokerTap) -> BrokerSettings:

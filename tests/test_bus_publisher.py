@@ -31,7 +31,6 @@ from tests.amqp_support import (
     bus_config,
     closed_port,
     preserved_logging,
-    require_broker,
     schema_valid,
     write_toml,
 )
@@ -49,14 +48,6 @@ SECRET = "hunter2-not-for-logs"
 def _logging() -> Iterator[None]:
     with preserved_logging():
         yield
-
-
-@pytest.fixture
-def tap() -> Iterator[BrokerTap]:
-    require_broker()
-    tap = BrokerTap()
-    yield tap
-    tap.close()
 
 
 def events() -> list[StepEvent]:

@@ -35,7 +35,6 @@ from tests.amqp_support import (
     bus_config,
     closed_port,
     preserved_logging,
-    require_broker,
     schema_valid,
     serve_directory,
     write_toml,
@@ -52,14 +51,6 @@ MESSAGES_PER_IMAGE = 6
 def _logging() -> Iterator[None]:
     with preserved_logging():
         yield
-
-
-@pytest.fixture
-def tap() -> Iterator[BrokerTap]:
-    require_broker()
-    tap = BrokerTap()
-    yield tap
-    tap.close()
 
 
 @pytest.fixture
@@ -199,6 +190,7 @@ def test_a_location_that_is_not_http_is_unsupported(tmp_path: Path, location: st
     runtime = Runtime(config=bus_config(tmp_path, exchange="x"))
     handled = ComposeConsumer(runtime).process(pungi_body("FINISHED", location))
     assert handled.action == "unsupported"
+    assert runtime.embedded is None
 
 
 def test_a_compose_without_metadata_is_acknowledged_with_a_log_line(
@@ -231,6 +223,8 @@ def test_a_compose_without_matching_images_starts_nothing(tmp_path: Path) -> Non
             pungi_body("FINISHED", f"{base}/{COMPOSE_ID}/compose")
         )
     assert handled.action == "no-images"
+    assert handled.outcomes == ()
+    assert runtime.embedded is None
 
 
 @pytest.mark.slow
@@ -269,6 +263,16 @@ def test_an_image_that_fails_its_checksum_does_not_stop_the_others(
 
 
 # --- on the real broker ----------------------------------------------------------------------
+
+
+def proxied_config(tmp_path: Path, tap: BrokerTap, proxy: TcpProxy) -> Config:
+    """A config reaching the broker through ``proxy``, quick to notice it is cut."""
+    return bus_config(
+        tmp_path,
+        exchange=tap.exchange,
+        amqp_url=proxy.url(),
+        messaging={"publish_timeout": 0.5, "flush_interval": 0.2},
+    )
 
 
 def assert_schema_valid_fedimg_messages(received: list[Received]) -> None:
@@ -358,13 +362,7 @@ def test_messages_of_an_upload_while_the_broker_is_away_arrive_once_it_is_back(
     runtime_factory: Callable[[Config], Runtime],
 ) -> None:
     proxy = TcpProxy()
-    config = bus_config(
-        tmp_path,
-        exchange=tap.exchange,
-        amqp_url=proxy.url(),
-        messaging={"publish_timeout": 0.5, "flush_interval": 0.2},
-    )
-    runtime = runtime_factory(config)
+    runtime = runtime_factory(proxied_config(tmp_path, tap, proxy))
     try:
         # The broker is away for the whole upload: the job must not notice.
         from fedimg.trigger import ImageJob, publish_images
@@ -395,13 +393,7 @@ def test_a_broker_cut_in_the_middle_of_a_run_loses_nothing(
 
     proxy = TcpProxy()
     proxy.start()
-    config = bus_config(
-        tmp_path,
-        exchange=tap.exchange,
-        amqp_url=proxy.url(),
-        messaging={"publish_timeout": 0.5, "flush_interval": 0.2},
-    )
-    runtime = runtime_factory(config)
+    runtime = runtime_factory(proxied_config(tmp_path, tap, proxy))
     image = ImageInfo(name="Fedora-Cloud-Base-AmazonEC2.x86_64-41-1.1", url="u", arch="x86_64")
 
     def emit(n: int) -> None:

@@ -169,6 +169,10 @@ def test_all_six_types_publish_in_every_region(
         else:
             assert added == [{"Group": "all"}]
     encrypted_snapshots = {a.snapshot_id for a in result.amis if a.encrypted}
+    assert encrypted_snapshots
+    assert encrypted_snapshots <= {
+        c.params["SnapshotId"] for c in recorder.of("ModifySnapshotAttribute")
+    }
     for call in recorder.of("ModifySnapshotAttribute"):
         if call.params["SnapshotId"] in encrypted_snapshots:
             assert call.params.get("UserIds") == SHARE

@@ -24,15 +24,15 @@ from fedimg.config import Config
 from fedimg.runtime import Runtime
 from fedimg.sampleimage import SampleImage
 from fedimg.services.ec2.access import generate_key
-from fedimg.services.ec2.service import PublishRequest, PublishResult
+from fedimg.services.ec2.service import PublishResult
 from fedimg.services.ec2.ssh import Address
-from fedimg.source import resolve_source
 from tests.conftest import Recorder, leaked, make_config
 from tests.ssh_support import (
     LocalSeam,
     LocalSshd,
     cloud_init_console,
     keygen,
+    publish_over_ssh,
     running_sshd,
     silent_port,
 )
@@ -76,11 +76,7 @@ def publish(
     sshd: LocalSshd,
     seam: LocalSeam,
 ) -> tuple[PublishResult, Runtime]:
-    runtime = runtime_factory(config)
-    runtime.seam = seam
-    runtime.hooks.append(("provide-client-params.ec2.ImportKeyPair", sshd.authorize_imported_keys))
-    result = runtime.service().publish(PublishRequest(source=resolve_source(str(image.path))))
-    return result, runtime
+    return publish_over_ssh(runtime_factory, config, str(image.path), sshd, seam)
 
 
 def test_passing_script_runs_on_the_test_instance_and_everything_is_removed(

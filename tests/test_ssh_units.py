@@ -220,36 +220,33 @@ class _Clock:
         self.now += seconds
 
 
-def test_waiting_for_running_gives_up_at_its_timeout() -> None:
-    ec2, clock = _PendingForever("pending"), _Clock()
+def _wait_for_running(
+    state: str, **limits: Any
+) -> tuple[_PendingForever, pytest.ExceptionInfo[AWSError]]:
+    """Wait for ``running`` on an instance stuck in ``state``, on a fake clock: it must fail."""
+    ec2, clock = _PendingForever(state), _Clock()
     with pytest.raises(AWSError) as caught:
         wait_instance(
             ec2,  # type: ignore[arg-type]
             region="us-east-1",
             instance_id="i-1",
             state="running",
-            timeout=60,
-            delay=5,
             sleep=clock.sleep,
             clock=clock,
+            **limits,
         )
+    return ec2, caught
+
+
+def test_waiting_for_running_gives_up_at_its_timeout() -> None:
+    ec2, caught = _wait_for_running("pending", timeout=60, delay=5)
     assert caught.value.code == "Timeout"
     assert "still pending after 60s" in str(caught.value)
     assert ec2.calls == 13
 
 
 def test_waiting_for_running_stops_at_once_on_a_terminated_instance() -> None:
-    ec2, clock = _PendingForever("terminated"), _Clock()
-    with pytest.raises(AWSError) as caught:
-        wait_instance(
-            ec2,  # type: ignore[arg-type]
-            region="us-east-1",
-            instance_id="i-1",
-            state="running",
-            timeout=600,
-            sleep=clock.sleep,
-            clock=clock,
-        )
+    ec2, caught = _wait_for_running("terminated", timeout=600)
     assert caught.value.code == "UnexpectedState"
     assert ec2.calls == 1
 

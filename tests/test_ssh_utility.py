@@ -25,11 +25,10 @@ from fedimg.config import Config
 from fedimg.embedded import EmbeddedAWS
 from fedimg.runtime import Runtime
 from fedimg.sampleimage import SampleImage
-from fedimg.services.ec2.service import PublishRequest, PublishResult
-from fedimg.source import resolve_source
 from tests.conftest import Recorder, leaked, make_config, require
 from tests.httpfiles import serve_files
 from tests.ssh_support import LocalSeam, LocalSshd, running_sshd
+from tests.ssh_support import publish_over_ssh as publish
 
 REGION = "us-east-1"
 
@@ -79,21 +78,6 @@ def utility_settings(sshd: LocalSshd, utility_ami: str, **aws: Any) -> dict[str,
     }
     settings.update(aws)
     return settings
-
-
-def publish(
-    runtime_factory: Callable[[Config], Runtime],
-    config: Config,
-    source: str,
-    sshd: LocalSshd,
-    seam: LocalSeam,
-    **request: Any,
-) -> tuple[PublishResult, Runtime]:
-    runtime = runtime_factory(config)
-    runtime.seam = seam
-    runtime.hooks.append(("provide-client-params.ec2.ImportKeyPair", sshd.authorize_imported_keys))
-    result = runtime.service().publish(PublishRequest(source=resolve_source(source), **request))
-    return result, runtime
 
 
 def device_file(tmp_path: Path) -> Path:

@@ -13,20 +13,10 @@ import httpx
 import pytest
 
 from fedimg.catalog import Catalog
-from fedimg.embedded import EmbeddedAWS
-from fedimg.sampleimage import SampleImage
 from fedimg.web import WebContext, create_app
 from fedimg.web.server import BackgroundServer
 from tests.conftest import require
-from tests.web_support import F41_COMPOSE, F42_COMPOSE, Published, published_once, serving
-
-
-@pytest.fixture(scope="session")
-def published(
-    embedded_aws: EmbeddedAWS, sample_image: SampleImage, tmp_path_factory: pytest.TempPathFactory
-) -> Published:
-    """Five jobs' catalog (see :class:`Published`)."""
-    return published_once(aws=embedded_aws, sample=sample_image, factory=tmp_path_factory)
+from tests.web_support import F41_COMPOSE, F42_COMPOSE, Published, serving
 
 
 @pytest.fixture(scope="module")

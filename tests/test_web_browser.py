@@ -16,14 +16,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from fedimg.catalog import Catalog
-from fedimg.embedded import EmbeddedAWS
-from fedimg.sampleimage import SampleImage
 from tests.web_support import (
     ARTIFACTS,
     Published,
     chromium,
     clone_catalog,
-    published_once,
     serving,
 )
 
@@ -35,14 +32,6 @@ pytestmark = pytest.mark.slow
 
 POLL_SECONDS = 0.3
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def published(
-    embedded_aws: EmbeddedAWS, sample_image: SampleImage, tmp_path_factory: pytest.TempPathFactory
-) -> Published:
-    """Five jobs' catalog (see :class:`Published`)."""
-    return published_once(aws=embedded_aws, sample=sample_image, factory=tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,11 @@ import httpx
 import pytest
 
 from fedimg.cli import main
-from fedimg.embedded import EmbeddedAWS
 from fedimg.errors import EXIT_BAD_INPUT, EXIT_OK
-from fedimg.sampleimage import SampleImage
-from tests.web_support import Published, clone_catalog, published_once
+from tests.web_support import Published, clone_catalog
 
 SECRET_ID = "AKIAFEDIMGSECRETID00"
 SECRET_KEY = "fedimg-secret-key-never-shown"
-
-
-@pytest.fixture(scope="session")
-def published(
-    embedded_aws: EmbeddedAWS, sample_image: SampleImage, tmp_path_factory: pytest.TempPathFactory
-) -> Published:
-    """Five jobs' catalog (see :class:`Published`)."""
-    return published_once(aws=embedded_aws, sample=sample_image, factory=tmp_path_factory)
 
 
 @pytest.fixture

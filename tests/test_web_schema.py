@@ -18,19 +18,9 @@ from schemathesis import Case
 from schemathesis.core.result import Ok
 
 from fedimg.catalog import Catalog
-from fedimg.embedded import EmbeddedAWS
-from fedimg.sampleimage import SampleImage
-from tests.web_support import Published, published_once, serving
+from tests.web_support import Published, serving
 
 MAX_EXAMPLES = 15
-
-
-@pytest.fixture(scope="session")
-def published(
-    embedded_aws: EmbeddedAWS, sample_image: SampleImage, tmp_path_factory: pytest.TempPathFactory
-) -> Published:
-    """Five jobs' catalog (see :class:`Published`)."""
-    return published_once(aws=embedded_aws, sample=sample_image, factory=tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
