@@ -6,6 +6,7 @@ once on a state it can no longer leave for the one wanted (a terminated instance
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fedimg.config import AwsSettings
 from fedimg.services.ec2.access import Access
-from fedimg.services.ec2.errors import AWSError, aws_call
+from fedimg.services.ec2.errors import AWSError, EC2ServiceException, aws_call
 from fedimg.services.ec2.resources import Tracker, tag_specification
 from fedimg.services.ec2.ssh import (
     InstanceSeam,
@@ -37,6 +38,11 @@ _DEAD_ENDS: dict[str, set[str]] = {
     "stopped": {"shutting-down", "terminated"},
     "terminated": set(),
 }
+
+
+def client_token(*parts: str) -> str:
+    """A ClientToken (64 hex characters, within AWS's limit) derived from ``parts``."""
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,34 @@ def terminate_instance(
     log.info("terminated %s in %s", instance_id, region)
 
 
+def discard_instance(
+    ec2: EC2Client,
+    *,
+    region: str,
+    instance_id: str,
+    tracker: Tracker,
+    timeout: float,
+    label: str,
+    delay: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
+    """:func:`terminate_instance` for cleanups: never raises; ``[instance_id]`` if it is left."""
+    try:
+        terminate_instance(
+            ec2,
+            region=region,
+            instance_id=instance_id,
+            tracker=tracker,
+            timeout=timeout,
+            delay=delay,
+            sleep=sleep,
+        )
+    except EC2ServiceException as exc:
+        log.error("could not terminate %s %s: %s", label, instance_id, exc)
+        return [instance_id]
+    return []
+
+
 def open_instance_ssh(
     *,
     ec2: EC2Client,
@@ -268,7 +302,9 @@ def open_instance_ssh(
 
 __all__ = [
     "LaunchRequest",
+    "client_token",
     "describe_instance",
+    "discard_instance",
     "launch_instance",
     "open_instance_ssh",
     "stop_instance",

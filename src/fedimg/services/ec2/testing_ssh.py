@@ -15,7 +15,6 @@ environment carries ``FEDIMG_AMI_ID``, ``FEDIMG_REGION``, ``FEDIMG_FLAVOUR``, ``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
 import shlex
@@ -38,9 +37,10 @@ from fedimg.services.ec2.access import (
 from fedimg.services.ec2.errors import AWSError, aws_call
 from fedimg.services.ec2.instances import (
     LaunchRequest,
+    client_token,
+    discard_instance,
     launch_instance,
     open_instance_ssh,
-    terminate_instance,
     wait_instance,
 )
 from fedimg.services.ec2.resources import TAG_JOB, TAG_ROLE, LocalTracker, Tracker
@@ -98,7 +98,6 @@ class SshTestRunner:
         access: Access | None = None
         instance_id: str | None = None
         outcome: TestOutcome | None = None
-        leftovers: list[str] = []
         try:
             cidr = resolve_ssh_cidr(
                 self.settings.ssh_cidr,
@@ -126,7 +125,7 @@ class SshTestRunner:
                     image_id=ami.ami_id,
                     instance_type=self.settings.test_instance_type,
                     access=access,
-                    client_token=_token(job, ami.ami_id, "test-instance"),
+                    client_token=client_token(job, ami.ami_id, "test-instance"),
                     tags={**tags, TAG_ROLE: "test-instance"},
                     iam_profile=self.settings.iam_profile,
                     root_device_name=root_device,
@@ -208,19 +207,16 @@ class SshTestRunner:
         """Terminate (and wait), then drop the group and key; the ids left behind. Never raises."""
         leftovers: list[str] = []
         if instance_id is not None:
-            try:
-                terminate_instance(
-                    client,
-                    region=region,
-                    instance_id=instance_id,
-                    tracker=tracker,
-                    timeout=self.settings.instance_stop_timeout,
-                    delay=self.poll_interval,
-                    sleep=self.sleep,
-                )
-            except FedimgError as exc:
-                log.error("could not terminate test instance %s: %s", instance_id, exc)
-                leftovers.append(instance_id)
+            leftovers += discard_instance(
+                client,
+                region=region,
+                instance_id=instance_id,
+                tracker=tracker,
+                timeout=self.settings.instance_stop_timeout,
+                label="test instance",
+                delay=self.poll_interval,
+                sleep=self.sleep,
+            )
         if access is not None:
             leftovers += close_access(
                 access=access,
@@ -294,11 +290,6 @@ def run_test_script(
         seconds=seconds,
         reason=f"test script exited {result.exit_code} on {where}",
     )
-
-
-def _token(job: str, ami_id: str, role: str) -> str:
-    """A ClientToken (at most 64 ASCII characters) for ``role`` in this job and AMI."""
-    return hashlib.sha256(f"{job}:{ami_id}:{role}".encode()).hexdigest()[:64]
 
 
 __all__ = ["SshTestRunner", "run_test_script", "script_payload"]

@@ -22,7 +22,6 @@ Memory: the remote command's output tail (1 MiB); a local image streams in 1 MiB
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shlex
@@ -49,6 +48,8 @@ from fedimg.services.ec2.errors import (
 )
 from fedimg.services.ec2.instances import (
     LaunchRequest,
+    client_token,
+    discard_instance,
     launch_instance,
     open_instance_ssh,
     stop_instance,
@@ -266,7 +267,7 @@ def upload_utility(
                 image_id=request.utility_ami,
                 instance_type=settings.util_instance_type,
                 access=access,
-                client_token=_token(request.client_token, "utility-instance"),
+                client_token=client_token(request.client_token, "utility-instance"),
                 tags={
                     **tags,
                     TAG_ROLE: "utility-instance",
@@ -400,10 +401,6 @@ def upload_utility(
     )
 
 
-def _token(seed: str, role: str) -> str:
-    return hashlib.sha256(f"{seed}:{role}".encode()).hexdigest()[:64]
-
-
 def _volume_size(request: UtilityUploadRequest) -> int:
     if request.volume_size_gib is not None:
         return request.volume_size_gib
@@ -452,7 +449,7 @@ def _create_volume(
             AvailabilityZone=zone,
             Size=size_gib,
             VolumeType="gp3",
-            ClientToken=_token(request.client_token, "utility-volume"),
+            ClientToken=client_token(request.client_token, "utility-volume"),
             TagSpecifications=tag_specification(  # type: ignore[arg-type]
                 "volume",
                 {**tags, TAG_ROLE: "utility-volume", "Name": f"fedimg: {request.source.name}"},
@@ -608,19 +605,16 @@ def _clean_up(
     settings = request.settings
     leftovers: list[str] = []
     if instance_id is not None:
-        try:
-            terminate_instance(
-                ec2,
-                region=region,
-                instance_id=instance_id,
-                tracker=tracker,
-                timeout=settings.instance_stop_timeout,
-                delay=request.poll_interval,
-                sleep=sleep,
-            )
-        except EC2ServiceException as exc:
-            log.error("could not terminate utility instance %s: %s", instance_id, exc)
-            leftovers.append(instance_id)
+        leftovers += discard_instance(
+            ec2,
+            region=region,
+            instance_id=instance_id,
+            tracker=tracker,
+            timeout=settings.instance_stop_timeout,
+            label="utility instance",
+            delay=request.poll_interval,
+            sleep=sleep,
+        )
     if volume_id is not None:
         try:
             # Terminating the instance detaches the volume (it is not DeleteOnTermination).
