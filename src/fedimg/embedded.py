@@ -198,6 +198,7 @@ def apply_fidelity_fixes() -> None:
             return ActionResult(result)
 
         _speed_up_dispatch()
+        _speed_up_ebs_actions()
         _fix_register_image()
         _add_image_block_public_access()
         _fix_client_tokens()
@@ -272,7 +273,6 @@ def _speed_up_dispatch() -> None:
 
     setattr(DomainDispatcherApplication, "get_backend_for_host", get_backend_for_host)  # noqa: B010
     setattr(DomainDispatcherApplication, "__call__", call)  # noqa: B010
-    _speed_up_ebs_actions()
 
 
 def _speed_up_ebs_actions() -> None:
