@@ -77,16 +77,17 @@ def cmd_upload(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _announce_rejection(args, fallback_config(args.config), exc)
         raise
+    overrides: dict[str, Any] = {}
     if args.method:
-        aws = config.aws.model_copy(update={"upload_method": args.method})
-        config = config.model_copy(update={"aws": aws})
+        overrides["upload_method"] = args.method
     if args.before_upload:
         if not config.aws.test:
             error = ConfigError("--before-upload: no test script is configured ([aws] test)")
             _announce_rejection(args, config, error)
             raise error
-        aws = config.aws.model_copy(update={"test_before_upload": True})
-        config = config.model_copy(update={"aws": aws})
+        overrides["test_before_upload"] = True
+    if overrides:
+        config = config.model_copy(update={"aws": config.aws.model_copy(update=overrides)})
     try:
         source = resolve_source(args.source, arch=args.arch)
         expected = _expected_sha256(args, source.location)

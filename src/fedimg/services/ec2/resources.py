@@ -157,7 +157,8 @@ class ResourceLedger:
                 if entry not in self._active:
                     self._active.append(entry)
             if entry.kind in TEMPORARY_KINDS or (
-                entry.kind == "snapshot" and not _snapshot_completed(self.clients, entry)
+                entry.kind == "snapshot"
+                and not snapshot_completed(self.clients, entry.region, entry.resource_id)
             ):
                 leftovers.append(entry)
         leftovers.sort(key=lambda e: e.kind != "instance")
@@ -227,9 +228,10 @@ def delete_resource(clients: ClientFactory, entry: LedgerEntry) -> None:
     deleters[entry.kind]()
 
 
-def _snapshot_completed(clients: ClientFactory, entry: LedgerEntry) -> bool:
+def snapshot_completed(clients: ClientFactory, region: str, snapshot_id: str) -> bool:
+    """True if the snapshot exists and is complete (False too if AWS cannot say)."""
     try:
-        found = clients.ec2(entry.region).describe_snapshots(SnapshotIds=[entry.resource_id])
+        found = clients.ec2(region).describe_snapshots(SnapshotIds=[snapshot_id])
     except (ClientError, BotoCoreError):
         return False
     snapshots = found.get("Snapshots", [])

@@ -43,6 +43,7 @@ from fedimg.services.ec2.flavours import (
     choose_flavours,
     parse_flavour,
 )
+from fedimg.services.ec2.gc import LIVE_WINDOW
 from fedimg.services.ec2.instance_store import (
     BuiltBundle,
     bucket_for,
@@ -68,6 +69,7 @@ from fedimg.services.ec2.resources import (
     TAG_SHA256,
     TEMPORARY_KINDS,
     ResourceLedger,
+    snapshot_completed,
     tag_list,
 )
 from fedimg.services.ec2.ssh import InstanceSeam, default_seam
@@ -293,15 +295,7 @@ class EC2Service:
         with its exit code, after cleanup and a ``failed`` message.
         """
         source = request.source
-        image = ImageInfo(
-            name=source.name,
-            url=source.url,
-            arch=source.arch,
-            compose_id=request.compose_id,
-            sha256=request.expected_sha256,
-            release=request.release,
-            subvariant=request.subvariant,
-        )
+        image = _image_info(request, sha256=request.expected_sha256)
         try:
             regions, flavours = self.plan(request)
             if self.config.aws.preflight:
@@ -383,15 +377,7 @@ class EC2Service:
         flavours = [parse_flavour(name) for name in job.state["flavours"]]
         regions = list(job.state["regions"])
         self.catalog.update_job(job.id, status="running", error=None)
-        image = ImageInfo(
-            name=source.name,
-            url=source.url,
-            arch=source.arch,
-            compose_id=request.compose_id,
-            sha256=job.image_sha256 or request.expected_sha256,
-            release=request.release,
-            subvariant=request.subvariant,
-        )
+        image = _image_info(request, sha256=job.image_sha256 or request.expected_sha256)
         run = _JobRun(
             service=self,
             job_id=job.id,
@@ -638,13 +624,7 @@ class _JobRun:
 
     def snapshot_usable(self, snapshot_id: str) -> bool:
         """True if the uploaded snapshot still exists and is complete."""
-        try:
-            with aws_call("DescribeSnapshots", self.base, snapshot_id):
-                found = self.s.clients.ec2(self.base).describe_snapshots(SnapshotIds=[snapshot_id])
-        except FedimgError:
-            return False
-        snapshots = found.get("Snapshots", [])
-        return bool(snapshots) and snapshots[0].get("State") == "completed"
+        return snapshot_completed(self.s.clients, self.base, snapshot_id)
 
     def upload_image(self) -> DirectUploadResult:
         source = self.request.source
@@ -834,10 +814,7 @@ class _JobRun:
             # earlier copies instead of copying again.
             (snapshot_id,) = earlier
             if snapshot_id != self.upload.snapshot_id:
-                duplicate = self.upload.snapshot_id
-                with aws_call("DeleteSnapshot", self.base, duplicate):
-                    self.s.clients.ec2(self.base).delete_snapshot(SnapshotId=duplicate)
-                self.ledger.release(duplicate)
+                self.delete_base_snapshot(self.upload.snapshot_id)
                 self.upload = replace(self.upload, snapshot_id=snapshot_id)
                 log.info("image already published: reusing snapshot %s", snapshot_id)
         for ami in amis:
@@ -985,7 +962,10 @@ class _JobRun:
         assert self.upload is not None
         if self.needs("ebs"):
             return
-        snapshot_id = self.upload.snapshot_id
+        self.delete_base_snapshot(self.upload.snapshot_id)
+
+    def delete_base_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot of the base region this job made, and stop tracking it."""
         with aws_call("DeleteSnapshot", self.base, snapshot_id):
             self.s.clients.ec2(self.base).delete_snapshot(SnapshotId=snapshot_id)
         self.ledger.release(snapshot_id)
@@ -1136,8 +1116,23 @@ class _JobRun:
         )
 
 
-#: A ``running`` job whose catalog row has not changed for this long lost its process.
-STALE_AFTER = dt.timedelta(minutes=10)
+#: A ``running`` job whose catalog row has not changed for this long lost its process (the
+#: same window within which ``fedimg gc`` counts a running job as live).
+STALE_AFTER = LIVE_WINDOW
+
+
+def _image_info(request: PublishRequest, *, sha256: str | None) -> ImageInfo:
+    """What the messages and the catalog say of the request's image."""
+    source = request.source
+    return ImageInfo(
+        name=source.name,
+        url=source.url,
+        arch=source.arch,
+        compose_id=request.compose_id,
+        sha256=sha256,
+        release=request.release,
+        subvariant=request.subvariant,
+    )
 
 
 def _request_state(request: PublishRequest) -> dict[str, Any]:
