@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedimg import __version__
 from fedimg.cli_jobs import add_commands, stop_on_signals
-from fedimg.config import Config, fallback_config, load_config, load_config_file
+from fedimg.config import Config, aws_arch, fallback_config, load_config, load_config_file
 from fedimg.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -294,7 +294,7 @@ def cmd_amis(args: argparse.Namespace) -> int:
     filters = AmiFilter(
         image_name=args.image,
         region=args.region,
-        arch=_aws_arch(args.arch),
+        arch=aws_arch(args.arch),
         release=args.release,
         flavour=args.flavour,
     )
@@ -333,10 +333,6 @@ def cmd_amis(args: argparse.Namespace) -> int:
     else:
         _print_ami_table(data)
     return EXIT_OK
-
-
-def _aws_arch(arch: str | None) -> str | None:
-    return {"aarch64": "arm64"}.get(arch, arch) if arch else None
 
 
 def cmd_messages(args: argparse.Namespace) -> int:

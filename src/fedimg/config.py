@@ -49,6 +49,11 @@ LEGACY_IGNORED_SECTIONS = frozenset({"koji", "rackspace", "gce", "hp"})
 ARCH_ALIASES = {"x86_64": "x86_64", "aarch64": "arm64", "arm64": "arm64", "i386": "i386"}
 
 
+def aws_arch(arch: str | None) -> str | None:
+    """AWS's name for ``arch`` (aarch64 → arm64); unknown names pass unchanged (and match nothing)."""
+    return ARCH_ALIASES.get(arch, arch) if arch else None
+
+
 def default_search_path() -> list[Path]:
     """The configuration files looked up, in order, when neither ``--config`` nor the env says."""
     return [

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 
 from fedimg.catalog import AmiFilter, JobFilter, MessageQuery
-from fedimg.config import ARCH_ALIASES
+from fedimg.config import aws_arch
 from fedimg.web.context import WebContext, web_context
 from fedimg.web.models import (
     MAX_PAGE,
@@ -42,11 +42,6 @@ PageNumber = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page, from 1")
 PerPage = Annotated[int, Query(ge=1, le=100, description="Rows per page (at most 100)")]
 Text = Annotated[str | None, Query(max_length=255)]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "Unknown"}}
-
-
-def aws_arch(arch: str | None) -> str | None:
-    """AWS's name for ``arch`` (aarch64 → arm64); unknown names pass unchanged (and match nothing)."""
-    return ARCH_ALIASES.get(arch, arch) if arch else None
 
 
 def _blank(value: str | None) -> str | None:
@@ -314,7 +309,6 @@ def api_messages(
 
 
 __all__ = [
-    "aws_arch",
     "get_image_detail",
     "get_job_detail",
     "job_filter",

@@ -20,9 +20,9 @@ from fastapi.templating import Jinja2Templates
 
 from fedimg import __version__
 from fedimg.catalog import AmiFilter, MessageQuery
+from fedimg.config import aws_arch
 from fedimg.web.api import (
     JobFilters,
-    aws_arch,
     get_image_detail,
     get_job_detail,
     list_images,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from fedimg.errors import Interrupted
 from fedimg.services.ec2.errors import AWSError, aws_call
 from fedimg.services.ec2.resources import TAG_ROLE, TAG_SHA256, tag_specification
+from fedimg.services.ec2.snapshots import wait_snapshot_completed
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -106,8 +107,6 @@ def copy_snapshot(
         on_created(snapshot_id)
         copied = True
         log.info("copying %s to %s as %s", request.snapshot_id, request.region, snapshot_id)
-    from fedimg.services.ec2.upload_direct import wait_snapshot_completed
-
     wait_snapshot_completed(
         ec2,
         region=request.region,

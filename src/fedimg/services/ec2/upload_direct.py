@@ -38,6 +38,7 @@ from fedimg.checkpoints import checkpoint
 from fedimg.errors import InputError
 from fedimg.progress import NullProgress, Progress
 from fedimg.services.ec2.errors import AWSError, aws_call, error_code
+from fedimg.services.ec2.snapshots import wait_snapshot_completed
 from fedimg.source import ImageSource, RawBlocks, raw_size
 
 if TYPE_CHECKING:
@@ -442,43 +443,6 @@ def _complete(
             code="SnapshotError",
             detail="AWS reports the snapshot in error state",
         )
-
-
-def wait_snapshot_completed(
-    ec2: EC2Client,
-    *,
-    region: str,
-    snapshot_id: str,
-    timeout: float,
-    delay: float = 5.0,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> None:
-    """Wait until the snapshot is ``completed``; stop at once on ``error``; bounded by ``timeout``."""
-    deadline = clock() + timeout
-    while True:
-        with aws_call("DescribeSnapshots", region, snapshot_id):
-            snapshots = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
-        state = snapshots[0]["State"] if snapshots else "missing"
-        if state == "completed":
-            return
-        if state in ("error", "missing"):
-            raise AWSError(
-                operation="DescribeSnapshots",
-                region=region,
-                resource_ids=[snapshot_id],
-                code=f"Snapshot{state.capitalize()}",
-                detail=f"snapshot is {state}",
-            )
-        if clock() >= deadline:
-            raise AWSError(
-                operation="DescribeSnapshots",
-                region=region,
-                resource_ids=[snapshot_id],
-                code="Timeout",
-                detail=f"snapshot still {state} after {timeout:.0f}s",
-            )
-        sleep(delay)
 
 
 def _delete_pending(ec2: EC2Client, region: str, snapshot_id: str) -> None:

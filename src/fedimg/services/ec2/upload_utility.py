@@ -57,12 +57,12 @@ from fedimg.services.ec2.instances import (
     wait_instance,
 )
 from fedimg.services.ec2.resources import TAG_ROLE, Tracker, tag_specification
+from fedimg.services.ec2.snapshots import wait_snapshot_completed
 from fedimg.services.ec2.ssh import CommandResult, InstanceSeam, default_seam
 from fedimg.services.ec2.upload_direct import (
     BLOCK_SIZE,
     DirectUploadResult,
     volume_size_for,
-    wait_snapshot_completed,
 )
 from fedimg.source import ImageSource, compressed_chunks, raw_size, stored_size
 
